@@ -1,0 +1,1 @@
+"""Readers and converters for released SANA-WM checkpoints."""

@@ -1,0 +1,145 @@
+"""PyTorch SANA-WM state dict -> our Flax parameter tree, by a fixed naming rule and layout rule.
+
+Naming: the Flax tree mirrors the diffusers module path, with `blocks.N` -> `blocks_N`, three wrapper modules folded
+away (`t_block.1`, `y_embedder.y_proj`, the `.conv` inside FFN conv layers), and `weight` -> `kernel` (Linear, Conv)
+or `scale` (1-D norm weights).
+Layout: Linear (out, in) -> (in, out); ConvNd (out, in, *k) -> (*k, in, out).
+Conversion is strict: every source tensor is used or known-unused, every parameter is filled, every shape matches.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+
+from sanawm_jax.config import SanaWMConfig
+from sanawm_jax.transformer import abstract_params
+
+# (torch pattern, flax replacement), applied in order to the dotted key.
+RENAMES = (
+    (r"^t_block\.1\.", "t_block."),
+    (r"^y_embedder\.y_proj\.", "y_embedder."),
+    (r"\.(inverted_conv|depth_conv|point_conv)\.conv\.", r".\1."),
+    (r"^blocks\.(\d+)\.", r"blocks_\1."),
+)
+INVERSE_RENAMES = (
+    (r"^t_block\.", "t_block.1."),
+    (r"^y_embedder\.", "y_embedder.y_proj."),
+    (r"\.(inverted_conv|depth_conv|point_conv)\.", r".\1.conv."),
+    (r"^blocks_(\d+)\.", r"blocks.\1."),
+)
+# Present in released checkpoints, unused by the model: the NVlabs absolute position table and a GDN buffer.
+KNOWN_UNUSED = (r"^pos_embed$", r"\.recall_gate$")
+
+
+def is_known_unused(torch_key: str) -> bool:
+    return any(re.search(pattern, torch_key) for pattern in KNOWN_UNUSED)
+
+
+def flax_path(torch_key: str, ndim: int) -> tuple[str, ...]:
+    """`blocks.3.attn.qkv.weight` (2-D) -> ("blocks_3", "attn", "qkv", "kernel")."""
+    name = torch_key
+    for pattern, replacement in RENAMES:
+        name = re.sub(pattern, replacement, name)
+    *parents, leaf = name.split(".")
+    if leaf == "weight":
+        leaf = "kernel" if ndim >= 2 else "scale"
+    return (*parents, leaf)
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """Inverse of `flax_path`: the source key a parameter is read from."""
+    *parents, leaf = path
+    name = ".".join([*parents, "weight" if leaf in ("kernel", "scale") else leaf])
+    for pattern, replacement in INVERSE_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf != "kernel":
+        return array
+    if array.ndim == 2:
+        return array.T
+    return array.transpose(*range(2, array.ndim), 1, 0)
+
+
+def flatten(tree: dict) -> dict[tuple[str, ...], object]:
+    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+class ConversionError(ValueError):
+    """A source checkpoint that does not match the model; the message lists every offending key."""
+
+
+def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
+    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) into a params tree of numpy arrays in
+    `config.param_dtype`, reading one tensor at a time."""
+    expected = flatten(abstract_params(config))
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    unused, extra, mismatched = [], [], []
+    for key in source.keys():
+        if is_known_unused(key):
+            unused.append(key)
+            continue
+        shape = tuple(source.shape(key))
+        path = flax_path(key, len(shape))
+        if path not in expected:
+            extra.append(key)
+            continue
+        flax_shape = tuple(to_flax_layout(np.empty(shape, np.bool_), path[-1]).shape)
+        if flax_shape != tuple(expected[path].shape):
+            mismatched.append(
+                f"{key}: source {shape} -> {flax_shape}, model {'/'.join(path)} expects {tuple(expected[path].shape)}"
+            )
+            continue
+        params[path] = np.ascontiguousarray(to_flax_layout(source.load(key), path[-1])).astype(expected[path].dtype)
+    missing = [f"{torch_key(path)} (for {'/'.join(path)})" for path in expected if path not in params]
+    problems = [
+        (f"{len(missing)} missing key(s)", missing),
+        (f"{len(extra)} unexpected key(s)", extra),
+        (f"{len(mismatched)} shape mismatch(es)", mismatched),
+    ]
+    if any(items for _, items in problems):
+        lines = [f"checkpoint {getattr(source, 'description', source)} does not match the model config:"]
+        for title, items in problems:
+            if items:
+                lines.append(f"  {title}:")
+                lines.extend(f"    {item}" for item in items)
+        raise ConversionError("\n".join(lines))
+    if unused:
+        log(f"ignored {len(unused)} known-unused tensor(s): {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
+    return unflatten(params)
+
+
+def convert_checkpoint(src, out_dir, config: SanaWMConfig | None = None, log=print):
+    """Convert a released PyTorch transformer checkpoint at `src` into our format at `out_dir`.
+
+    The config comes from `config`, else from the diffusers folder's config.json; NVlabs files and torch pickles
+    carry none, so they need `config` (e.g. `get_config("sana_wm_2.6b")`).
+    """
+    from sanawm_jax.checkpoint.store import save_transformer
+    from sanawm_jax.checkpoint.torch_sources import open_torch_checkpoint
+
+    source = open_torch_checkpoint(src)
+    if config is None:
+        if source.config is None:
+            raise ValueError(f"{source.description} carries no config.json: pass a config (e.g. --config sana_wm_2.6b)")
+        config = SanaWMConfig.from_diffusers_config(source.config)
+    log(f"converting {source.description} ({len(source.keys())} tensors)")
+    params = convert_state_dict(source, config, log=log)
+    path = save_transformer(out_dir, params, config)
+    log(f"wrote {path}")
+    return path

@@ -1,0 +1,158 @@
+"""Model configuration: one frozen dataclass, named presets, and the diffusers `config.json` mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+GDN_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class SanaWMConfig:
+    """Architecture of the SANA-WM DiT plus the numerics/runtime policy of our implementation.
+
+    Architecture fields keep the names of diffusers' `SanaWMTransformer3DModel` config so released `config.json`
+    files map one to one. Policy fields:
+      param_dtype / dtype: storage dtype of parameters and compute dtype of matmuls/activations ("float32",
+        "bfloat16"). Recurrences, norms and softmax statistics always run in float32.
+      gdn_impl: implementation of the frame-level GDN recurrence ("xla": `sanawm_jax.ops.gdn`).
+      attention_impl: softmax attention ("xla" einsum+softmax, or "cudnn" fused kernel on NVIDIA GPUs).
+      remat: rematerialise each block in the backward pass (activation checkpointing).
+    """
+
+    in_channels: int = 128
+    num_layers: int = 20
+    hidden_size: int = 2240
+    num_attention_heads: int = 20
+    patch_size: tuple[int, int, int] = (1, 1, 1)
+    softmax_every_n: int = 4
+    linear_head_dim: int = 112
+    t_kernel_size: int = 3
+    conv_kernel_size: int = 4
+    qk_norm: bool = True
+    cross_norm: bool = True
+    y_norm: bool = True
+    chunk_plucker_channels: int = 48
+    chunk_plucker_post_attn_blocks: int = 20
+    caption_channels: int = 2304
+    mlp_ratio: float = 3.0
+    rope_max_seq_len: int = 1024
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    gdn_impl: str = "xla"
+    attention_impl: str = "xla"
+    remat: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        checks = [
+            (self.hidden_size % self.linear_head_dim == 0, "hidden_size must be a multiple of linear_head_dim"),
+            (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of num_attention_heads"),
+            (self.linear_head_dim % 8 == 0, "linear_head_dim must be a multiple of 8 (UCPE 4x4 groups on half of it)"),
+            (self.patch_size[0] == 1, "temporal patch size must be 1"),
+            (self.param_dtype in DTYPES, f"param_dtype must be one of {sorted(DTYPES)}"),
+            (self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}"),
+            (self.gdn_impl in GDN_IMPLS, f"gdn_impl must be one of {GDN_IMPLS}"),
+            (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SanaWMConfig: {message} (got {self})")
+
+    @property
+    def self_attention_heads(self) -> int:
+        return self.hidden_size // self.linear_head_dim
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def is_softmax_block(self, index: int) -> bool:
+        return self.softmax_every_n > 0 and (index + 1) % self.softmax_every_n == 0
+
+    def has_plucker_proj(self, index: int) -> bool:
+        return self.chunk_plucker_post_attn_blocks < 0 or index < self.chunk_plucker_post_attn_blocks
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def parameter_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "SanaWMConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SanaWMConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"SanaWMConfig: unknown fields {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any]) -> "SanaWMConfig":
+        """Maps a diffusers `SanaWMTransformer3DModel` config.json dict; rejects settings we do not implement."""
+        required_values = {
+            "ffn_type": "GLUMBConvTemp",
+            "pos_embed_type": "wan_rope",
+            "k_conv_only": True,
+            "cam_attn_compress": 1,
+            "use_chunk_plucker_post_attn": True,
+            "use_pe": True,
+            "pred_sigma": False,
+        }
+        for key, expected in required_values.items():
+            if key in config and _normalise(config[key]) != _normalise(expected):
+                raise ValueError(f"unsupported diffusers config: {key}={config[key]!r} (only {expected!r})")
+        if "mlp_acts" in config and list(config["mlp_acts"]) != ["silu", "silu", None]:
+            raise ValueError(f"unsupported diffusers config: mlp_acts={config['mlp_acts']!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in names})
+
+
+def _normalise(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+PRESETS: dict[str, SanaWMConfig] = {
+    # The released bidirectional model (Efficient-Large-Model/SANA-WM_bidirectional), 2,661,800,448 parameters.
+    "sana_wm_2.6b": SanaWMConfig(),
+    # A few blocks of each kind, for tests and quick experiments.
+    "sana_wm_tiny": SanaWMConfig(
+        in_channels=8,
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        linear_head_dim=16,
+        caption_channels=32,
+        chunk_plucker_post_attn_blocks=4,
+    ),
+}
+
+
+def get_config(name_or_path: str, **overrides) -> SanaWMConfig:
+    """A preset name, a `SanaWMConfig` JSON written by us, or a diffusers transformer `config.json`."""
+    if name_or_path in PRESETS:
+        config = PRESETS[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"unknown config {name_or_path!r}: not a preset ({sorted(PRESETS)}) nor a JSON file")
+        values = json.loads(path.read_text())
+        is_diffusers = "_class_name" in values or "num_layers" in values and "gdn_impl" not in values
+        config = SanaWMConfig.from_diffusers_config(values) if is_diffusers else SanaWMConfig.from_dict(values)
+    return config.replace(**overrides)

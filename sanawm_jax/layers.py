@@ -1,0 +1,249 @@
+"""Building blocks of the SANA-WM DiT: norms, embeddings, rotary tables, the FFN and cross-attention.
+
+Tokens are kept as (B, T, S, C): T latent frames, S = h*w tokens per frame (row-major), C channels.
+Parameter names follow the diffusers module names so checkpoints convert by a fixed rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sanawm_jax.ops.attention import dot_product_attention
+
+Dtype = Any
+
+
+def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale; statistics in float32, output in `dtype`."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """Non-affine LayerNorm over the last axis, statistics in float32, output in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation with per-frame (B, T, 1, C) shift/scale on (B, T, S, C) tokens."""
+    return x * (1 + scale) + shift
+
+
+def sinusoidal_timestep_embedding(timesteps, dim: int = 256, max_period: float = 10000.0):
+    """(...,) float timesteps -> (..., dim) [cos | sin] embedding (flip_sin_to_cos, no frequency shift)."""
+    half = dim // 2
+    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = timesteps.astype(jnp.float32)[..., None] * frequencies
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Per-frame timestep (B, T) in [0, 1000] -> (B, T, C): floor, sinusoid(256), Linear-SiLU-Linear."""
+
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, timesteps):
+        embedding = sinusoidal_timestep_embedding(jnp.floor(timesteps)).astype(self.dtype)
+        embedding = dense(self.hidden_size, "linear_1", self.dtype, self.param_dtype)(embedding)
+        return dense(self.hidden_size, "linear_2", self.dtype, self.param_dtype)(nn.silu(embedding))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text states (B, L, D_text) -> (B, L, C): Linear, GELU(tanh), Linear (module path `y_proj.fc1/fc2`)."""
+
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, y):
+        y = y.astype(self.dtype)
+        y = dense(self.hidden_size, "fc1", self.dtype, self.param_dtype)(y)
+        return dense(self.hidden_size, "fc2", self.dtype, self.param_dtype)(nn.gelu(y, approximate=True))
+
+
+class PatchEmbed(nn.Module):
+    """Channels-last 3-D patchify: (B, T, H, W, C_in) -> (B, T', S, C) with S = H'*W' (module path `proj`)."""
+
+    patch_size: tuple[int, int, int]
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        padding = [(k // 2, k // 2) for k in self.patch_size] if self.patch_size[-1] % 2 else "VALID"
+        x = nn.Conv(
+            self.features,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding=padding,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(x.astype(self.dtype))
+        b, t, h, w, c = x.shape
+        return x.reshape(b, t, h * w, c)
+
+
+def rope_frequencies(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[np.ndarray, ...]:
+    """Per-axis rotary angle tables (float32), split t/h/w as in the released model.
+
+    Returns three arrays (max_seq_len, n_t), (max_seq_len, n_h), (max_seq_len, n_w) of angles, where n_h = n_w =
+    head_dim // 6 complex pairs and n_t takes the rest of the head_dim // 2 pairs (40/36/36 channels for D=112).
+    """
+    pairs_hw = head_dim // 6
+    pairs_t = head_dim // 2 - 2 * pairs_hw
+    positions = np.arange(max_seq_len, dtype=np.float32)
+
+    def axis_table(pairs):
+        dim = 2 * pairs
+        inv_freq = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+        return np.outer(positions, inv_freq.astype(np.float32)).astype(np.float32)
+
+    return axis_table(pairs_t), axis_table(pairs_hw), axis_table(pairs_hw)
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, max_seq_len: int, pairs=None) -> jnp.ndarray:
+    """Rotary angles for every token of a (T, H, W) grid, (T*H*W, pairs_t + pairs_h + pairs_w) float32.
+
+    `pairs` = (n_t, n_h, n_w) keeps only the leading pairs of each axis (the reduced table of the UCPE camera branch).
+    """
+    t, h, w = grid
+    if max(grid) > max_seq_len:
+        raise ValueError(f"latent grid {grid} exceeds the rotary table length {max_seq_len}")
+    tables = rope_frequencies(head_dim, max_seq_len)
+    if pairs is not None:
+        tables = tuple(table[:, :n] for table, n in zip(tables, pairs))
+    table_t, table_h, table_w = (jnp.asarray(table) for table in tables)
+    angles = jnp.concatenate(
+        [
+            jnp.broadcast_to(table_t[:t, None, None], (t, h, w, table_t.shape[1])),
+            jnp.broadcast_to(table_h[None, :h, None], (t, h, w, table_h.shape[1])),
+            jnp.broadcast_to(table_w[None, None, :w], (t, h, w, table_w.shape[1])),
+        ],
+        axis=-1,
+    )
+    return angles.reshape(t * h * w, -1)
+
+
+def apply_rope(x, angles, inverse: bool = False):
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, N, H, 2P) by angles (N, P); float32 math."""
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    if inverse:
+        sin = -sin
+    x32 = x.astype(jnp.float32)
+    even, odd = x32[..., 0::2], x32[..., 1::2]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+class TemporalShortConv(nn.Module):
+    """Bidirectional short conv along frames: a causal depthwise kernel w (K taps) run forwards and backwards,
+    minus one centre tap, i.e. the symmetric (2K-1)-tap filter [w0..w_{K-1}..w0]. (B, T, S, C) -> same.
+
+    Parameter `kernel` has the depthwise Conv1D layout (K, 1, C).
+    """
+
+    kernel_size: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.zeros, (self.kernel_size, 1, channels), self.param_dtype)
+        taps = kernel[:, 0, :].astype(x.dtype)
+        symmetric = jnp.concatenate([taps, taps[:-1][::-1]], axis=0)
+        reach = self.kernel_size - 1
+        num_frames = x.shape[1]
+        padded = jnp.pad(x, ((0, 0), (reach, reach), (0, 0), (0, 0)))
+        return sum(symmetric[i] * padded[:, i : i + num_frames] for i in range(2 * reach + 1))
+
+
+class GLUMBConvTemp(nn.Module):
+    """FFN: per-frame 1x1 conv (SiLU) -> depthwise 3x3 -> GLU(SiLU gate) -> 1x1 conv, plus a residual temporal
+    conv (3 frames, full C->C). (B, T, S, C) on an (h, w) grid -> (B, T, S, C)."""
+
+    hidden_features: int
+    grid_hw: tuple[int, int]
+    t_kernel_size: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def conv(self, features, kernel, name, use_bias=True, groups=1):
+        return nn.Conv(
+            features,
+            kernel_size=kernel,
+            padding=[(k // 2, k // 2) for k in kernel],
+            feature_group_count=groups,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, s, c = x.shape
+        h, w = self.grid_hw
+        doubled = 2 * self.hidden_features
+        y = x.reshape(b * t, h, w, c)
+        y = nn.silu(self.conv(doubled, (1, 1), "inverted_conv")(y))
+        y = self.conv(doubled, (3, 3), "depth_conv", groups=doubled)(y)
+        value, gate = jnp.split(y, 2, axis=-1)
+        y = self.conv(c, (1, 1), "point_conv", use_bias=False)(value * nn.silu(gate))
+        y = y.reshape(b, t, s, c)
+        return y + self.conv(c, (self.t_kernel_size, 1), "t_conv", use_bias=False)(y)
+
+
+class CrossAttention(nn.Module):
+    """Masked multi-head cross-attention from tokens (B, T, S, C) to text (B, L, C), text_mask (B, L) of 0/1."""
+
+    num_heads: int
+    qk_norm: bool = True
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, text, text_mask):
+        b, t, s, c = x.shape
+        head_dim = c // self.num_heads
+        query = dense(c, "q_linear", self.dtype, self.param_dtype)(x.reshape(b, t * s, c))
+        key, value = jnp.split(dense(2 * c, "kv_linear", self.dtype, self.param_dtype)(text), 2, axis=-1)
+        if self.qk_norm:
+            query = RMSNorm(1e-6, self.dtype, self.param_dtype, name="q_norm")(query)
+            key = RMSNorm(1e-6, self.dtype, self.param_dtype, name="k_norm")(key)
+        split = lambda a: a.reshape(b, a.shape[1], self.num_heads, head_dim)
+        key_mask = text_mask.astype(bool)[:, None, None, :]
+        out = dot_product_attention(
+            split(query), split(key), split(value), scale=head_dim**-0.5, key_mask=key_mask, impl=self.attention_impl
+        )
+        out = dense(c, "proj", self.dtype, self.param_dtype)(out.reshape(b, t * s, c))
+        return out.reshape(b, t, s, c)

@@ -1,0 +1,222 @@
+"""The SANA-WM DiT: patchify, per-frame timestep and text conditioning, 3-D RoPE and UCPE camera transforms, a
+stack of dual-branch blocks (GDN, with softmax every `softmax_every_n`-th), and the per-frame final layer.
+
+    model = SanaWMTransformer(config)
+    velocity = model.apply({"params": params}, latents, timesteps, text, text_mask,
+                           camera_conditions=..., chunk_plucker=..., frame_valid_mask=None)
+
+latents (B, T, H, W, C_in) channels-last, timesteps (B, T) in [0, 1000] (floored, per latent frame),
+text (B, L, D_text), text_mask (B, L), camera_conditions (B, T, 20), chunk_plucker (B, T, H, W, 48),
+frame_valid_mask (B, T) -> velocity (B, T, H, W, C_in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sanawm_jax import ucpe
+from sanawm_jax.attention import DualBranchAttention
+from sanawm_jax.config import SanaWMConfig
+from sanawm_jax.layers import (
+    CaptionEmbedder,
+    CrossAttention,
+    GLUMBConvTemp,
+    PatchEmbed,
+    RMSNorm,
+    TimestepEmbedder,
+    dense,
+    layer_norm,
+    modulate,
+    rope_angles,
+)
+
+Dtype = Any
+
+
+def scale_shift_init(key, shape, dtype):
+    return (jax.random.normal(key, shape, jnp.float32) / shape[-1] ** 0.5).astype(dtype)
+
+
+class SanaWMBlock(nn.Module):
+    """adaLN-single block on (B, T, S, C): dual-branch self-attention, Plücker term, cross-attention, FFN."""
+
+    config: SanaWMConfig
+    index: int
+    grid: tuple[int, int, int]
+
+    @nn.compact
+    def __call__(self, x, text, text_mask, t_mod, rope, transforms, plucker, frame_mask):
+        cfg = self.config
+        b, t, s, c = x.shape
+        dtype, param_dtype = cfg.compute_dtype, cfg.parameter_dtype
+        masked = lambda a: a if frame_mask is None else a * frame_mask.astype(a.dtype)[:, :, None, None]
+
+        table = self.param("scale_shift_table", scale_shift_init, (6, c), param_dtype)
+        modulation = table.astype(dtype) + t_mod.reshape(b, t, 6, c)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            modulation[:, :, i, None, :] for i in range(6)
+        )
+
+        x = masked(x)
+        attention = DualBranchAttention(
+            kind="softmax" if cfg.is_softmax_block(self.index) else "gdn",
+            num_heads=cfg.self_attention_heads,
+            grid=self.grid,
+            conv_kernel_size=cfg.conv_kernel_size,
+            qk_norm=cfg.qk_norm,
+            attention_impl=cfg.attention_impl,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="attn",
+        )
+        attn_in = masked(modulate(layer_norm(x), shift_msa, scale_msa))
+        x = masked(x + masked(gate_msa * attention(attn_in, rope, transforms, frame_mask)))
+
+        if cfg.has_plucker_proj(self.index):
+            plucker_proj = dense(c, "plucker_proj", dtype, param_dtype)
+            if plucker is not None:
+                x = x + plucker_proj(plucker)
+            else:  # declared only, so the parameter tree does not depend on the inputs
+                plucker_proj(jnp.zeros((1, c), dtype))
+
+        cross = CrossAttention(cfg.num_attention_heads, cfg.cross_norm, cfg.attention_impl, dtype, param_dtype,
+                               name="cross_attn")
+        x = masked(x + cross(x, text, text_mask))
+
+        mlp = GLUMBConvTemp(cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype, name="mlp")
+        mlp_in = masked(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return masked(x + masked(gate_mlp * mlp(mlp_in)))
+
+
+class SanaWMTransformer(nn.Module):
+    """The SANA-WM DiT (see the module docstring for the call contract)."""
+
+    config: SanaWMConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        latents,
+        timesteps,
+        text,
+        text_mask,
+        camera_conditions=None,
+        chunk_plucker=None,
+        frame_valid_mask=None,
+    ):
+        cfg = self.config
+        dtype, param_dtype = cfg.compute_dtype, cfg.parameter_dtype
+        self.check_inputs(latents, timesteps, text, text_mask, camera_conditions, chunk_plucker, frame_valid_mask)
+        b, frames, height, width, _ = latents.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (frames // pt, height // ph, width // pw)
+        embed = lambda name: PatchEmbed(cfg.patch_size, cfg.hidden_size, dtype, param_dtype, name=name)
+
+        x = embed("x_embedder")(latents)
+        # The checkpoint carries a ray-map embedder that the released configuration never uses.
+        embed("raymap_embedder")(jnp.zeros((1, pt, ph, pw, 3), dtype))
+        plucker_embedder = embed("plucker_embedder")
+        if chunk_plucker is not None:
+            plucker = plucker_embedder(chunk_plucker.astype(dtype))
+        else:
+            plucker = None
+            plucker_embedder(jnp.zeros((1, pt, ph, pw, cfg.chunk_plucker_channels), dtype))
+
+        t_emb = TimestepEmbedder(cfg.hidden_size, dtype, param_dtype, name="t_embedder")(timesteps)
+        t_mod = dense(6 * cfg.hidden_size, "t_block", dtype, param_dtype)(nn.silu(t_emb))
+
+        y = CaptionEmbedder(cfg.hidden_size, dtype, param_dtype, name="y_embedder")(text)
+        if cfg.y_norm:
+            y = RMSNorm(1e-5, dtype, param_dtype, name="attention_y_norm")(y)
+
+        rope = rope_angles(grid, cfg.linear_head_dim, cfg.rope_max_seq_len)
+        transforms = None
+        if camera_conditions is not None:
+            transforms = ucpe.ray_transforms(
+                camera_conditions, grid, cfg.patch_size, cfg.linear_head_dim, cfg.rope_max_seq_len
+            )
+
+        block_cls = nn.remat(SanaWMBlock) if cfg.remat else SanaWMBlock
+        for i in range(cfg.num_layers):
+            x = block_cls(cfg, i, grid, name=f"blocks_{i}")(
+                x, y, text_mask, t_mod, rope, transforms, plucker, frame_valid_mask
+            )
+
+        return self.final_layer(x, t_emb, grid)
+
+    def final_layer(self, x, t_emb, grid):
+        """Per-frame modulated LayerNorm, Linear to patch*C_out, unpatchify to (B, T, H, W, C_out)."""
+        cfg = self.config
+        b, t, s, c = x.shape
+        out = FinalLayer(cfg, name="final_layer")(x, t_emb)
+        pt, ph, pw = cfg.patch_size
+        gt, gh, gw = grid
+        out = out.reshape(b, gt, gh, gw, pt, ph, pw, cfg.in_channels)
+        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return out.reshape(b, gt * pt, gh * ph, gw * pw, cfg.in_channels)
+
+    def check_inputs(self, latents, timesteps, text, text_mask, camera_conditions, chunk_plucker, frame_valid_mask):
+        cfg = self.config
+        if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+            raise ValueError(f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}")
+        b, t, h, w, _ = latents.shape
+        if h % cfg.patch_size[1] or w % cfg.patch_size[2]:
+            raise ValueError(f"latent grid {(h, w)} is not divisible by the patch size {cfg.patch_size[1:]}")
+        expected = {
+            "timesteps": (timesteps, (b, t)),
+            "text": (text, (b, text.shape[1] if text.ndim == 3 else -1, cfg.caption_channels)),
+            "text_mask": (text_mask, (b, text.shape[1] if text.ndim == 3 else -1)),
+            "camera_conditions": (camera_conditions, (b, t, 20)),
+            "chunk_plucker": (chunk_plucker, (b, t, h, w, cfg.chunk_plucker_channels)),
+            "frame_valid_mask": (frame_valid_mask, (b, t)),
+        }
+        for name, (value, shape) in expected.items():
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} for latents {latents.shape}, got {value.shape}")
+
+
+class FinalLayer(nn.Module):
+    """(B, T, S, C) tokens and per-frame t (B, T, C) -> (B, T, S, patch*C_out)."""
+
+    config: SanaWMConfig
+
+    @nn.compact
+    def __call__(self, x, t_emb):
+        cfg = self.config
+        c = x.shape[-1]
+        table = self.param("scale_shift_table", scale_shift_init, (2, c), cfg.parameter_dtype)
+        shift = table[0].astype(x.dtype) + t_emb[:, :, None, :]
+        scale = table[1].astype(x.dtype) + t_emb[:, :, None, :]
+        x = modulate(layer_norm(x), shift, scale)
+        patch_volume = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        return dense(patch_volume * cfg.in_channels, "linear", cfg.compute_dtype, cfg.parameter_dtype)(x)
+
+
+def example_inputs(config: SanaWMConfig, batch: int = 1, frames: int = 1, height: int = 1, width: int = 1,
+                   text_len: int = 1, with_camera: bool = True) -> dict[str, jnp.ndarray]:
+    """Zero-valued model inputs of the given sizes (latent grid in latent pixels), e.g. for `init` or `eval_shape`."""
+    height, width = height * config.patch_size[1], width * config.patch_size[2]
+    inputs = {
+        "latents": jnp.zeros((batch, frames, height, width, config.in_channels), jnp.float32),
+        "timesteps": jnp.zeros((batch, frames), jnp.float32),
+        "text": jnp.zeros((batch, text_len, config.caption_channels), jnp.float32),
+        "text_mask": jnp.ones((batch, text_len), jnp.int32),
+    }
+    if with_camera:
+        inputs["camera_conditions"] = jnp.zeros((batch, frames, 20), jnp.float32).at[..., jnp.array([0, 5, 10, 15, 16, 17])].set(1.0)
+        inputs["chunk_plucker"] = jnp.zeros((batch, frames, height, width, config.chunk_plucker_channels), jnp.float32)
+    return inputs
+
+
+def init_params(config: SanaWMConfig, rng: jax.Array) -> dict:
+    """Randomly initialised parameters (the full tree, camera branch included)."""
+    return SanaWMTransformer(config).init(rng, **example_inputs(config))["params"]
+
+
+def abstract_params(config: SanaWMConfig) -> dict:
+    """Parameter shapes/dtypes (jax.ShapeDtypeStruct tree) without allocating anything."""
+    return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))

@@ -1,0 +1,76 @@
+"""UCPE feature transforms of the camera branch: per-ray 4x4 maps on half of each head, reduced RoPE on the other.
+
+The per-token matrices come from `sanawm_jax.camera.ucpe_ray_matrices` (world -> ray frame). Queries are encoded
+with Pᵀ, keys and values with P⁻¹, and attention outputs are decoded with P and the inverse rotation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from sanawm_jax import camera
+from sanawm_jax.layers import apply_rope, rope_angles
+
+
+class RayTransforms(NamedTuple):
+    """Per-token UCPE transforms shared by every block. matrices/inverse: (B, N, 4, 4); angles: (N, D/4)."""
+
+    matrices: jnp.ndarray
+    inverse: jnp.ndarray
+    angles: jnp.ndarray
+
+
+def camera_rope_pairs(head_dim: int) -> tuple[int, int, int]:
+    """(t, h, w) complex pairs of the reduced RoPE on the second half (D/2 channels) of a camera head: 10/9/9 for
+    D=112, sliced from the leading pairs of each axis of the main table."""
+    rope_dim = head_dim // 2
+    pairs_hw = rope_dim // 6
+    return rope_dim // 2 - 2 * pairs_hw, pairs_hw, pairs_hw
+
+
+def ray_transforms(camera_conditions, grid, patch_size, head_dim: int, max_seq_len: int) -> RayTransforms:
+    """camera_conditions (B, T, 20) on a (T, h, w) token grid -> RayTransforms (float32)."""
+    matrices = camera.ucpe_ray_matrices(camera_conditions.astype(jnp.float32), grid, patch_size)
+    angles = rope_angles(grid, head_dim, max_seq_len, pairs=camera_rope_pairs(head_dim))
+    return RayTransforms(matrices, camera.invert_se3(matrices), angles)
+
+
+def ucpe_transform(x, matrices, angles, inverse_rope: bool = False):
+    """x (B, N, H, D) -> same, float32: first D/2 channels in groups of 4 times the token's 4x4 matrix, last D/2
+    rotated by `angles` (N, D/4)."""
+    b, n, h, d = x.shape
+    x = x.astype(jnp.float32)
+    projected = x[..., : d // 2].reshape(b, n, h, d // 8, 4)
+    projected = jnp.einsum("bnij,bnhgj->bnhgi", matrices, projected).reshape(b, n, h, d // 2)
+    rotated = apply_rope(x[..., d // 2 :], angles, inverse=inverse_rope)
+    return jnp.concatenate([projected, rotated], axis=-1)
+
+
+def channel_rms(x, eps: float = 1e-6):
+    """RMS over the head channels: (B, N, H, D) -> (B, N, H, 1)."""
+    return jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def downscale_to_reference_rms(reference, transformed, eps: float = 1e-6):
+    """Scale `transformed` down (never up) so its per-head channel RMS does not exceed that of `reference`."""
+    scale = jnp.minimum(channel_rms(reference, eps) / jnp.maximum(channel_rms(transformed, eps), eps), 1.0)
+    return transformed * scale
+
+
+def encode(query, key, value, transforms: RayTransforms):
+    """UCPE-encode camera q/k/v (B, N, H, D) and bring each back to its pre-transform RMS envelope (float32)."""
+    query_ucpe = ucpe_transform(query, jnp.swapaxes(transforms.matrices, -1, -2), transforms.angles)
+    key_ucpe = ucpe_transform(key, transforms.inverse, transforms.angles)
+    value_ucpe = ucpe_transform(value, transforms.inverse, transforms.angles)
+    return (
+        downscale_to_reference_rms(query.astype(jnp.float32), query_ucpe),
+        downscale_to_reference_rms(key.astype(jnp.float32), key_ucpe),
+        downscale_to_reference_rms(value.astype(jnp.float32), value_ucpe),
+    )
+
+
+def decode(x, transforms: RayTransforms):
+    """Map camera-branch outputs (B, N, H, D) from ray space back to world space (float32)."""
+    return ucpe_transform(x, transforms.matrices, transforms.angles, inverse_rope=True)

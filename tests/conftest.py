@@ -1,0 +1,51 @@
+"""Shared fixtures: small PyTorch oracles with randomised weights and their conversion into our params."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+TINY_DIFFUSERS_CONFIG = dict(
+    in_channels=8,
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    linear_head_dim=16,
+    caption_channels=32,
+    chunk_plucker_post_attn_blocks=4,
+)
+
+
+def randomize_(module, seed: int, scale: float = 0.05):
+    """Give every parameter and float buffer of a torch module non-zero random values (zero inits included),
+    keeping gate parameters in a realistic range."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype)
+            if name.endswith("A_log"):
+                param.copy_(torch.log(torch.rand(param.shape, generator=generator) * 2 + 0.5))
+            elif name.endswith("dt_bias"):
+                param.copy_(noise.float() * 0.5 - 2.0)
+            elif name.endswith("norm.weight") or name.endswith("norm_cam.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("scale_shift_table"):
+                param.copy_(0.3 * noise)
+            else:
+                fan_in = max(1, int(np.prod(param.shape[1:])))
+                param.copy_(noise * min(scale * 8, 1.0 / np.sqrt(fan_in)))
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_oracle():
+    """A randomised tiny diffusers SanaWMTransformer3DModel (float64, eval mode) and its config dict."""
+    import torch
+    from diffusers import SanaWMTransformer3DModel
+
+    torch.manual_seed(0)
+    model = SanaWMTransformer3DModel(**TINY_DIFFUSERS_CONFIG).eval()
+    randomize_(model, seed=1)
+    return model.double(), dict(TINY_DIFFUSERS_CONFIG)
