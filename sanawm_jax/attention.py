@@ -45,6 +45,15 @@ def dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
 
+def frame_gdn_op(impl: str):
+    """The GDN recurrence implementation named by `SanaWMConfig.gdn_impl` (same signature as `ops.gdn.frame_gdn`)."""
+    if impl == "pallas":
+        from pallas_kernels.frame_gdn import frame_gdn_pallas
+
+        return frame_gdn_pallas
+    return frame_gdn
+
+
 def per_token(token_mask, tokens_per_frame):
     """(B, T, 1, 1) frame mask -> (B, T*S, 1, 1) token mask."""
     return jnp.repeat(token_mask[:, :, 0], tokens_per_frame, axis=1)[:, :, None]
@@ -59,6 +68,7 @@ class DualBranchAttention(nn.Module):
     conv_kernel_size: int = 4
     qk_norm: bool = True
     attention_impl: str = "xla"
+    gdn_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -149,7 +159,7 @@ class DualBranchAttention(nn.Module):
         query, key, value = heads_mask(query), heads_mask(key), heads_mask(value)
         query_rot, key_rot = heads_mask(apply_rope(query, rope)), heads_mask(apply_rope(key, rope))
         frames = lambda a: a.astype(jnp.float32).reshape(b, t, s, h, d)
-        out = frame_gdn(
+        out = frame_gdn_op(self.gdn_impl)(
             frames(query_rot), frames(key_rot), frames(value), beta, decay, frames(query), frames(key), eps=GDN_EPS
         ).astype(value.dtype)
         out = out.reshape(b, t, s, h * d)
@@ -170,7 +180,7 @@ class DualBranchAttention(nn.Module):
         if frame_mask is not None:
             token_valid = frame_mask.astype(jnp.float32)[:, :, None, None, None]
             frames = lambda a: a.reshape(b, t, s, h, d) * token_valid
-        out = frame_gdn(frames(query_u), frames(key_u), frames(value_u), beta, decay).astype(value.dtype)
+        out = frame_gdn_op(self.gdn_impl)(frames(query_u), frames(key_u), frames(value_u), beta, decay).astype(value.dtype)
         out = ucpe.decode(frames(out).reshape(b, n, h, d), transforms)
         return frames(out).astype(self.dtype)
 

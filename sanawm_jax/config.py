@@ -9,7 +9,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-GDN_IMPLS = ("xla",)
+GDN_IMPLS = ("xla", "pallas")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -22,7 +22,8 @@ class SanaWMConfig:
     files map one to one. Policy fields:
       param_dtype / dtype: storage dtype of parameters and compute dtype of matmuls/activations ("float32",
         "bfloat16"). Recurrences, norms and softmax statistics always run in float32.
-      gdn_impl: implementation of the frame-level GDN recurrence ("xla": `sanawm_jax.ops.gdn`).
+      gdn_impl: implementation of the frame-level GDN recurrence ("xla": the `lax.scan` op in `sanawm_jax.ops.gdn`;
+        "pallas": the fused kernel in `pallas_kernels.frame_gdn`, Triton on GPU, interpreted on CPU).
       attention_impl: softmax attention ("xla" einsum+softmax, or "cudnn" fused kernel on NVIDIA GPUs).
       remat: rematerialise each block in the backward pass (activation checkpointing).
     """

@@ -164,11 +164,17 @@ def apply_rope(x, angles, inverse: bool = False):
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def identity_tap_init(key, shape, dtype):
+    """Causal kernel (K, 1, C) whose only non-zero tap is the current frame: the short conv starts as identity."""
+    del key
+    return jnp.zeros(shape, dtype).at[-1].set(1)
+
+
 class TemporalShortConv(nn.Module):
     """Bidirectional short conv along frames: a causal depthwise kernel w (K taps) run forwards and backwards,
     minus one centre tap, i.e. the symmetric (2K-1)-tap filter [w0..w_{K-1}..w0]. (B, T, S, C) -> same.
 
-    Parameter `kernel` has the depthwise Conv1D layout (K, 1, C).
+    Parameter `kernel` has the depthwise Conv1D layout (K, 1, C); it is initialised to the identity filter.
     """
 
     kernel_size: int
@@ -177,7 +183,7 @@ class TemporalShortConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.zeros, (self.kernel_size, 1, channels), self.param_dtype)
+        kernel = self.param("kernel", identity_tap_init, (self.kernel_size, 1, channels), self.param_dtype)
         taps = kernel[:, 0, :].astype(x.dtype)
         symmetric = jnp.concatenate([taps, taps[:-1][::-1]], axis=0)
         reach = self.kernel_size - 1

@@ -69,6 +69,7 @@ class SanaWMBlock(nn.Module):
             conv_kernel_size=cfg.conv_kernel_size,
             qk_norm=cfg.qk_norm,
             attention_impl=cfg.attention_impl,
+            gdn_impl=cfg.gdn_impl,
             dtype=dtype,
             param_dtype=param_dtype,
             name="attn",

@@ -1,0 +1,121 @@
+"""Hugging Face Gemma-2 checkpoint folder -> `Gemma2Config` + our parameter tree, one tensor at a time.
+
+A folder holds `config.json` and either `model.safetensors` or shards listed by `model.safetensors.index.json`.
+Keys are those of `Gemma2ForCausalLM` (`model.layers.0.self_attn.q_proj.weight`, ...) or of a bare `Gemma2Model`
+(no `model.` prefix). Naming: `layers.N` -> `layers_N`, `weight` -> `kernel` (Linear, transposed from (out, in) to
+(in, out)), `scale` (norms) or `embedding` (`embed_tokens`). The language-model head is not part of the encoder.
+Conversion is strict: every parameter is filled, every shape matches, every other key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sanawm_jax.checkpoint.convert import ConversionError, flatten, unflatten
+from sanawm_jax.checkpoint.torch_sources import SafetensorsSource, read_json, read_safetensors_header
+from sanawm_jax.text.gemma2 import Gemma2Config, Gemma2Model
+
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+CAUSAL_LM_PREFIX = "model."
+KNOWN_UNUSED = ("lm_head.weight",)
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def open_hf_safetensors(folder: str | Path) -> SafetensorsSource:
+    """Lazy reader over a Hugging Face model folder's safetensors (single file or indexed shards); its `config`
+    attribute holds the parsed config.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such Gemma-2 checkpoint folder")
+    config_path, single, index_path = folder / "config.json", folder / HF_WEIGHTS, folder / HF_INDEX
+    if not config_path.is_file():
+        raise ValueError(f"{folder}: no config.json (expected a Hugging Face Gemma-2 folder)")
+    config = read_json(config_path)
+    if single.is_file():
+        return SafetensorsSource(read_safetensors_header(single), f"Gemma-2 folder {folder} (1 file)", config)
+    if not index_path.is_file():
+        raise ValueError(f"{folder}: no weights ({HF_WEIGHTS} or {HF_INDEX})")
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: no weight_map in the index")
+    entries = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = folder / shard
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{index_path}: shard {shard} is missing (expected at {shard_path})")
+        header = read_safetensors_header(shard_path)
+        for key in (key for key, owner in weight_map.items() if owner == shard):
+            if key not in header:
+                raise ValueError(f"{index_path}: tensor {key!r} is mapped to {shard}, which does not contain it")
+            entries[key] = header[key]
+    shards = len(set(weight_map.values()))
+    return SafetensorsSource(entries, f"Gemma-2 folder {folder} ({shards} shards)", config)
+
+
+def abstract_gemma2_params(config: Gemma2Config) -> dict:
+    """Parameter tree of `Gemma2Model(config)` as ShapeDtypeStructs (nothing allocated)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(Gemma2Model(config).init, jax.random.key(0), ids, jnp.ones((1, 1), jnp.int32))
+    return variables["params"]
+
+
+def hf_key(path: tuple[str, ...]) -> str:
+    """("layers_3", "self_attn", "q_proj", "kernel") -> "layers.3.self_attn.q_proj.weight" (without prefix)."""
+    *parents, leaf = path
+    name = ".".join([*parents, LEAF_NAMES.get(leaf, leaf)])
+    return re.sub(r"^layers_(\d+)\.", r"layers.\1.", name)
+
+
+def convert_gemma2_params(source, config: Gemma2Config) -> dict:
+    """Convert a `TensorSource` holding Gemma-2 weights into a params tree of numpy arrays in `config.param_dtype`.
+
+    Keys and shapes are all checked before any tensor is read.
+    """
+    keys = set(source.keys())
+    prefix = CAUSAL_LM_PREFIX if CAUSAL_LM_PREFIX + "embed_tokens.weight" in keys else ""
+    abstract = flatten(abstract_gemma2_params(config))
+    expected = {prefix + hf_key(path): (path, struct) for path, struct in abstract.items()}
+    missing = [f"{key} (for {'/'.join(path)})" for key, (path, _) in expected.items() if key not in keys]
+    extra = sorted(keys - set(expected) - set(KNOWN_UNUSED))
+    mismatched = []
+    for key, (path, struct) in expected.items():
+        if key in keys and flax_shape(source.shape(key), path[-1]) != tuple(struct.shape):
+            mismatched.append(
+                f"{key}: source {tuple(source.shape(key))}, model {'/'.join(path)} expects {tuple(struct.shape)}"
+            )
+    problems = [
+        (f"{len(missing)} missing key(s)", missing),
+        (f"{len(extra)} unexpected key(s)", extra),
+        (f"{len(mismatched)} shape mismatch(es)", mismatched),
+    ]
+    if any(items for _, items in problems):
+        lines = [f"checkpoint {source.description} does not match the Gemma-2 config:"]
+        for title, items in problems:
+            if items:
+                lines.append(f"  {title}:")
+                lines.extend(f"    {item}" for item in items)
+        raise ConversionError("\n".join(lines))
+    params = {}
+    for key, (path, struct) in expected.items():
+        array = source.load(key)
+        params[path] = np.ascontiguousarray(array.T if path[-1] == "kernel" else array).astype(struct.dtype)
+    return unflatten(params)
+
+
+def flax_shape(shape, leaf: str) -> tuple[int, ...]:
+    """Linear weights (out, in) become kernels (in, out); other tensors keep their shape."""
+    return tuple(shape)[::-1] if leaf == "kernel" else tuple(shape)
+
+
+def load_gemma2(folder: str | Path, *, param_dtype: str = "float32", dtype: str = "float32"):
+    """Read a Hugging Face Gemma-2 folder -> (Gemma2Config, params tree of numpy arrays in `param_dtype`)."""
+    source = open_hf_safetensors(folder)
+    config = Gemma2Config.from_hf_config(source.config, param_dtype=param_dtype, dtype=dtype)
+    return config, convert_gemma2_params(source, config)
