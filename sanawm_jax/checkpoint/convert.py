@@ -84,6 +84,23 @@ class ConversionError(ValueError):
     """A source checkpoint that does not match the model; the message lists every offending key."""
 
 
+def raise_on_mismatch(source: str, target: str, missing, extra, mismatched):
+    """Raise one ConversionError listing every missing, unexpected and mis-shaped key, if there is any."""
+    problems = [
+        (f"{len(missing)} missing key(s)", missing),
+        (f"{len(extra)} unexpected key(s)", extra),
+        (f"{len(mismatched)} shape mismatch(es)", mismatched),
+    ]
+    if not any(items for _, items in problems):
+        return
+    lines = [f"{source} does not match {target}:"]
+    for title, items in problems:
+        if items:
+            lines.append(f"  {title}:")
+            lines.extend(f"    {item}" for item in items)
+    raise ConversionError("\n".join(lines))
+
+
 def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
     """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) into a params tree of numpy arrays in
     `config.param_dtype`, reading one tensor at a time."""
@@ -107,18 +124,8 @@ def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
             continue
         params[path] = np.ascontiguousarray(to_flax_layout(source.load(key), path[-1])).astype(expected[path].dtype)
     missing = [f"{torch_key(path)} (for {'/'.join(path)})" for path in expected if path not in params]
-    problems = [
-        (f"{len(missing)} missing key(s)", missing),
-        (f"{len(extra)} unexpected key(s)", extra),
-        (f"{len(mismatched)} shape mismatch(es)", mismatched),
-    ]
-    if any(items for _, items in problems):
-        lines = [f"checkpoint {getattr(source, 'description', source)} does not match the model config:"]
-        for title, items in problems:
-            if items:
-                lines.append(f"  {title}:")
-                lines.extend(f"    {item}" for item in items)
-        raise ConversionError("\n".join(lines))
+    raise_on_mismatch(f"checkpoint {getattr(source, 'description', source)}", "the model config", missing, extra,
+                      mismatched)
     if unused:
         log(f"ignored {len(unused)} known-unused tensor(s): {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
     return unflatten(params)

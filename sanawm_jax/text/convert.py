@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanawm_jax.checkpoint.convert import ConversionError, flatten, unflatten
+from sanawm_jax.checkpoint.convert import flatten, raise_on_mismatch, unflatten
 from sanawm_jax.checkpoint.torch_sources import SafetensorsSource, read_json, read_safetensors_header
 from sanawm_jax.text.gemma2 import Gemma2Config, Gemma2Model
 
@@ -90,18 +90,7 @@ def convert_gemma2_params(source, config: Gemma2Config) -> dict:
             mismatched.append(
                 f"{key}: source {tuple(source.shape(key))}, model {'/'.join(path)} expects {tuple(struct.shape)}"
             )
-    problems = [
-        (f"{len(missing)} missing key(s)", missing),
-        (f"{len(extra)} unexpected key(s)", extra),
-        (f"{len(mismatched)} shape mismatch(es)", mismatched),
-    ]
-    if any(items for _, items in problems):
-        lines = [f"checkpoint {source.description} does not match the Gemma-2 config:"]
-        for title, items in problems:
-            if items:
-                lines.append(f"  {title}:")
-                lines.extend(f"    {item}" for item in items)
-        raise ConversionError("\n".join(lines))
+    raise_on_mismatch(f"checkpoint {source.description}", "the Gemma-2 config", missing, extra, mismatched)
     params = {}
     for key, (path, struct) in expected.items():
         array = source.load(key)
