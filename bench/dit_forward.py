@@ -1,0 +1,117 @@
+"""DiT forward time: our jit-compiled Flax model vs diffusers' eager `SanaWMTransformer3DModel` on this machine.
+
+Builds a random diffusers model of the chosen size, converts its weights with our converter, checks that both give
+the same velocity (relative L2), then times a forward pass of each (median of --repeats, after a warm-up/compile).
+
+    python bench/dit_forward.py [--layers 4 --hidden 256 --head-dim 64 --frames 5 --height 11 --width 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+import torch
+
+from sanawm_jax.checkpoint.convert import convert_state_dict
+from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
+from sanawm_jax.config import SanaWMConfig
+from sanawm_jax.transformer import SanaWMTransformer
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_inputs(rng, args, config):
+    b, t, h, w = 1, args.frames, args.height, args.width
+    conditions = np.zeros((b, t, 20), np.float32)
+    conditions[..., :16] = np.eye(4, dtype=np.float32).reshape(-1)
+    conditions[:, :, 3] = np.linspace(0, 1, t)  # move along x
+    conditions[..., 16:] = [w * 0.9, h * 1.1, w / 2, h / 2]
+    return {
+        "latents": rng.standard_normal((b, t, h, w, config.in_channels)).astype(np.float32),
+        "timesteps": np.concatenate([[0.0], rng.uniform(0, 1000, t - 1)]).astype(np.float32)[None],
+        "text": rng.standard_normal((b, args.text_len, config.caption_channels)).astype(np.float32),
+        "text_mask": np.ones((b, args.text_len), np.int64),
+        "camera_conditions": conditions,
+        "chunk_plucker": rng.standard_normal((b, t, h, w, 48)).astype(np.float32),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=128)
+    parser.add_argument("--caption-channels", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--height", type=int, default=11)
+    parser.add_argument("--width", type=int, default=20)
+    parser.add_argument("--text-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    from diffusers import SanaWMTransformer3DModel
+
+    diffusers_config = dict(
+        in_channels=args.channels, num_layers=args.layers, hidden_size=args.hidden,
+        num_attention_heads=args.hidden // args.head_dim, linear_head_dim=args.head_dim,
+        caption_channels=args.caption_channels, chunk_plucker_post_attn_blocks=args.layers,
+    )
+    torch.manual_seed(0)
+    oracle = SanaWMTransformer3DModel(**diffusers_config).eval()
+    with torch.no_grad():
+        for param in oracle.parameters():
+            if not param.any():
+                param.normal_(0, 0.02)
+    config = SanaWMConfig.from_diffusers_config(diffusers_config)
+    params = convert_state_dict(TorchStateDictSource(oracle.state_dict(), "random oracle"), config, log=lambda *_: None)
+    inputs = random_inputs(np.random.default_rng(0), args, config)
+
+    forward = jax.jit(SanaWMTransformer(config).apply)
+    run_jax = lambda: jax.block_until_ready(forward({"params": params}, **inputs))
+    compile_start = time.perf_counter()
+    ours = np.asarray(run_jax())
+    compile_seconds = time.perf_counter() - compile_start
+
+    torch_inputs = dict(
+        hidden_states=torch.from_numpy(inputs["latents"]).permute(0, 4, 1, 2, 3),
+        timestep=torch.from_numpy(inputs["timesteps"])[:, None],
+        encoder_hidden_states=torch.from_numpy(inputs["text"])[:, None],
+        encoder_attention_mask=torch.from_numpy(inputs["text_mask"]),
+        camera_conditions=torch.from_numpy(inputs["camera_conditions"]),
+        chunk_plucker=torch.from_numpy(inputs["chunk_plucker"]).permute(0, 4, 1, 2, 3),
+    )
+
+    def run_torch():
+        with torch.no_grad():
+            return oracle(**torch_inputs).sample
+
+    reference = run_torch().permute(0, 2, 3, 4, 1).numpy()
+    relative_l2 = np.linalg.norm(ours - reference) / np.linalg.norm(reference)
+
+    jax_seconds = median_seconds(run_jax, args.repeats)
+    torch_seconds = median_seconds(run_torch, args.repeats)
+    tokens = args.frames * args.height * args.width
+    print(f"config: {args.layers} layers, hidden {args.hidden}, head dim {args.head_dim}, "
+          f"latent {args.frames}x{args.height}x{args.width} ({tokens} tokens), text {args.text_len}")
+    print(f"devices: jax {jax.devices()[0].platform}, torch cpu ({torch.get_num_threads()} threads)")
+    print(f"parity (float32 vs upstream's bf16-rounded softmax inputs): relative L2 = {relative_l2:.2e}")
+    print(f"jax compile+first call: {compile_seconds:.2f} s")
+    print(f"jax forward (jit):      {jax_seconds * 1e3:.1f} ms")
+    print(f"diffusers forward:      {torch_seconds * 1e3:.1f} ms")
+    print(f"ratio diffusers / jax:  {torch_seconds / jax_seconds:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
