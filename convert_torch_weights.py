@@ -1,25 +1,32 @@
-"""Convert a released PyTorch SANA-WM transformer checkpoint into a sanawm-jax checkpoint directory.
+"""Convert released PyTorch SANA-WM weights into a sanawm-jax checkpoint directory.
 
-    python convert_torch_weights.py SRC OUT_DIR [--config PRESET|config.json]
+    python convert_torch_weights.py SRC OUT_DIR [--config PRESET|config.json] [--vae DIR] [--text-encoder DIR]
+                                                [--tokenizer DIR]
 
-SRC: a diffusers transformer folder (or pipeline root with transformer/), an NVlabs flat .safetensors, or a torch
-pickle ({"generator"|"state_dict"|"model": state_dict}, optional "model." prefix).
+SRC is the DiT: a diffusers pipeline root (its transformer/, vae/, text_encoder/ and tokenizer/ are all converted),
+a diffusers transformer folder, an NVlabs flat .safetensors, or a torch pickle ({"generator"|"state_dict"|"model":
+state_dict}, optional "model." prefix). --vae takes a diffusers AutoencoderKLLTX2Video folder, --text-encoder a
+Hugging Face Gemma-2 folder (tokenizer files in it or in --tokenizer). OUT_DIR gets transformer/, vae/, text_encoder/.
 """
 
 import argparse
 
-from sanawm_jax.checkpoint.convert import convert_checkpoint
+from sanawm_jax.checkpoint.pipeline import convert_pipeline
 from sanawm_jax.config import get_config
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="source checkpoint (folder, .safetensors, .pt/.pth/.bin)")
-    parser.add_argument("out_dir", help="output directory (config.json + orbax params/)")
-    parser.add_argument("--config", help="preset name or JSON config (required for files without config.json)")
+    parser.add_argument("src", help="DiT source (pipeline root, transformer folder, .safetensors, .pt/.pth/.bin)")
+    parser.add_argument("out_dir", help="output checkpoint directory")
+    parser.add_argument("--config", help="DiT preset name or JSON config (required when SRC has no config.json)")
+    parser.add_argument("--vae", help="diffusers LTX-2 VAE folder")
+    parser.add_argument("--text-encoder", help="Hugging Face Gemma-2 folder")
+    parser.add_argument("--tokenizer", help="folder with the Gemma tokenizer files (default: the text encoder's)")
     args = parser.parse_args(argv)
     config = get_config(args.config) if args.config else None
-    convert_checkpoint(args.src, args.out_dir, config)
+    convert_pipeline(args.src, args.out_dir, config, vae=args.vae, text_encoder=args.text_encoder,
+                     tokenizer=args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -214,8 +214,8 @@ def example_inputs(config: SanaWMConfig, batch: int = 1, frames: int = 1, height
 
 
 def init_params(config: SanaWMConfig, rng: jax.Array) -> dict:
-    """Randomly initialised parameters (the full tree, camera branch included)."""
-    return SanaWMTransformer(config).init(rng, **example_inputs(config))["params"]
+    """Randomly initialised parameters (the full tree, camera branch included), computed by one compiled program."""
+    return jax.jit(lambda key: SanaWMTransformer(config).init(key, **example_inputs(config))["params"])(rng)
 
 
 def abstract_params(config: SanaWMConfig) -> dict:

@@ -101,18 +101,22 @@ def raise_on_mismatch(source: str, target: str, missing, extra, mismatched):
     raise ConversionError("\n".join(lines))
 
 
-def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
-    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) into a params tree of numpy arrays in
-    `config.param_dtype`, reading one tensor at a time."""
-    expected = flatten(abstract_params(config))
+def convert_tensors(source, expected: dict, to_path, to_key, target: str, is_unused=lambda key: False,
+                    log=print) -> dict:
+    """Read every tensor of a `TensorSource` into the parameter slots `expected` ({path: ShapeDtypeStruct}).
+
+    `to_path(key, ndim)` names the slot of a source key and `to_key(path)` the key a slot is read from; tensors are
+    loaded one at a time, laid out for Flax (`to_flax_layout`) and cast to the slot's dtype. Any missing, unexpected
+    or mis-shaped key raises one ConversionError that lists them all; `is_unused` keys are skipped (and logged).
+    """
     params: dict[tuple[str, ...], np.ndarray] = {}
     unused, extra, mismatched = [], [], []
     for key in source.keys():
-        if is_known_unused(key):
+        if is_unused(key):
             unused.append(key)
             continue
         shape = tuple(source.shape(key))
-        path = flax_path(key, len(shape))
+        path = to_path(key, len(shape))
         if path not in expected:
             extra.append(key)
             continue
@@ -123,30 +127,15 @@ def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
             )
             continue
         params[path] = np.ascontiguousarray(to_flax_layout(source.load(key), path[-1])).astype(expected[path].dtype)
-    missing = [f"{torch_key(path)} (for {'/'.join(path)})" for path in expected if path not in params]
-    raise_on_mismatch(f"checkpoint {getattr(source, 'description', source)}", "the model config", missing, extra,
-                      mismatched)
+    missing = [f"{to_key(path)} (for {'/'.join(path)})" for path in expected if path not in params]
+    raise_on_mismatch(f"checkpoint {getattr(source, 'description', source)}", target, missing, extra, mismatched)
     if unused:
         log(f"ignored {len(unused)} known-unused tensor(s): {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
     return unflatten(params)
 
 
-def convert_checkpoint(src, out_dir, config: SanaWMConfig | None = None, log=print):
-    """Convert a released PyTorch transformer checkpoint at `src` into our format at `out_dir`.
-
-    The config comes from `config`, else from the diffusers folder's config.json; NVlabs files and torch pickles
-    carry none, so they need `config` (e.g. `get_config("sana_wm_2.6b")`).
-    """
-    from sanawm_jax.checkpoint.store import save_transformer
-    from sanawm_jax.checkpoint.torch_sources import open_torch_checkpoint
-
-    source = open_torch_checkpoint(src)
-    if config is None:
-        if source.config is None:
-            raise ValueError(f"{source.description} carries no config.json: pass a config (e.g. --config sana_wm_2.6b)")
-        config = SanaWMConfig.from_diffusers_config(source.config)
-    log(f"converting {source.description} ({len(source.keys())} tensors)")
-    params = convert_state_dict(source, config, log=log)
-    path = save_transformer(out_dir, params, config)
-    log(f"wrote {path}")
-    return path
+def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
+    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) into a params tree of numpy arrays in
+    `config.param_dtype`, reading one tensor at a time."""
+    expected = flatten(abstract_params(config))
+    return convert_tensors(source, expected, flax_path, torch_key, "the model config", is_known_unused, log)

@@ -1,4 +1,9 @@
-"""Our checkpoint format: `<dir>/config.json` (a `SanaWMConfig`) + `<dir>/params` (an orbax PyTree checkpoint)."""
+"""Our checkpoint format.
+
+A model directory holds `config.json` (its config dataclass as JSON) and `params/` (an orbax PyTree checkpoint).
+A full SANA-WM checkpoint, as written by `convert_torch_weights.py`, is a directory with one model directory per
+component: `transformer/`, `vae/` and `text_encoder/` (the last also holds the tokenizer files).
+"""
 
 from __future__ import annotations
 
@@ -13,42 +18,62 @@ from sanawm_jax.transformer import SanaWMTransformer, abstract_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+TRANSFORMER_DIR = "transformer"
 
 
-def save_transformer(out_dir, params, config: SanaWMConfig) -> Path:
-    """Write params (numpy or jax arrays) and config; `out_dir` is created and must not already hold params."""
+def save_params(out_dir, params, config: dict) -> Path:
+    """Write `config` and `params` (numpy or jax arrays) into `out_dir`, which must not already hold params."""
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / PARAMS_DIR).exists():
         raise FileExistsError(f"{out_dir / PARAMS_DIR} already exists; choose an empty output directory")
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / PARAMS_DIR, params)
     return out_dir
 
 
-def read_config(ckpt_dir, **overrides) -> SanaWMConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
+def read_config(model_dir) -> dict:
+    path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: no {CONFIG_FILE}; expected a directory written by convert_torch_weights.py")
-    return SanaWMConfig.from_dict(json.loads(path.read_text())).replace(**overrides)
+        raise FileNotFoundError(f"{model_dir}: no {CONFIG_FILE}; expected a directory written by convert_torch_weights.py")
+    return json.loads(path.read_text())
+
+
+def restore_params(model_dir, abstract, sharding=None):
+    """Restore params into the shapes/dtypes of `abstract` (a ShapeDtypeStruct tree; dtypes are cast on restore).
+
+    `sharding` is a `jax.sharding.Sharding` for every parameter, or a pytree of them matching `abstract`; None places
+    everything on the default device.
+    """
+    params_dir = Path(model_dir).absolute() / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no {PARAMS_DIR}/ orbax checkpoint")
+    if sharding is not None:
+        if isinstance(sharding, jax.sharding.Sharding):
+            sharding = jax.tree.map(lambda _: sharding, abstract)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(params_dir, abstract)
+
+
+def component_dir(ckpt_dir, component: str) -> Path:
+    """`ckpt_dir/component` when it exists, else `ckpt_dir` itself (a directory holding only that component)."""
+    nested = Path(ckpt_dir) / component
+    return nested if (nested / CONFIG_FILE).is_file() else Path(ckpt_dir)
+
+
+def save_transformer(out_dir, params, config: SanaWMConfig) -> Path:
+    return save_params(out_dir, params, config.to_dict())
 
 
 def load_transformer(ckpt_dir, sharding=None, **config_overrides) -> tuple[SanaWMTransformer, dict]:
-    """Restore `(model, params)` from a directory written by `save_transformer` / `convert_torch_weights.py`.
+    """Restore `(model, params)` from a checkpoint written by `convert_torch_weights.py` (its `transformer/`, or a
+    transformer-only directory).
 
     config_overrides replace config fields (e.g. `param_dtype="bfloat16"` casts on restore, `dtype`, `gdn_impl`,
-    `remat`). `sharding` is a `jax.sharding.Sharding` for every parameter, or a pytree of them matching params;
-    None places everything on the default device.
+    `remat`); `sharding` as in `restore_params`.
     """
-    config = read_config(ckpt_dir, **config_overrides)
-    params_dir = Path(ckpt_dir).absolute() / PARAMS_DIR
-    if not params_dir.is_dir():
-        raise FileNotFoundError(f"{ckpt_dir}: no {PARAMS_DIR}/ orbax checkpoint")
-    target = abstract_params(config)
-    if sharding is not None:
-        shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding, target)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(params_dir, target)
-    return SanaWMTransformer(config), params
+    model_dir = component_dir(ckpt_dir, TRANSFORMER_DIR)
+    config = SanaWMConfig.from_dict(read_config(model_dir)).replace(**config_overrides)
+    return SanaWMTransformer(config), restore_params(model_dir, abstract_params(config), sharding)

@@ -1,0 +1,97 @@
+"""Generate a video from an image, a prompt and a camera path with SANA-WM (stage 1) in JAX.
+
+    python sample.py --out demo.mp4                          # embedded tiny models, bundled image, no downloads
+    python sample.py --checkpoint ckpt --image first.png --prompt "..." --action w-40,jw-24,l-16 \
+        --intrinsics 640,640,640,352 --num-frames 81 --out video.mp4
+
+Writes the mp4 (16 fps, H.264), `<stem>.latents.npz` and `<stem>.trajectory.npz` next to it. --checkpoint is a
+directory written by convert_torch_weights.py (transformer/, vae/, text_encoder/). Intrinsics are [fx, fy, cx, cy] in
+pixels of the input image, given inline or as a .npy of shape (3,3), (F,3,3), (4,) or (F,4).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from sanawm_jax import camera, demo
+from sanawm_jax.diffusion.scheduler import SamplerConfig
+from sanawm_jax.generate import WorldModel, camera_path, load_image, write_outputs
+from sanawm_jax.text.encoder import load_embeddings_npz
+
+DEMO_DEFAULTS = {"action": "w-8,jw-8", "num_frames": 17, "steps": 4, "prompt": "A quiet room with colourful objects"}
+
+
+def parse_intrinsics(value: str) -> np.ndarray:
+    if value.endswith(".npy"):
+        if not Path(value).is_file():
+            raise ValueError(f"intrinsics file {value} does not exist")
+        return np.load(value)
+    try:
+        return np.array([float(x) for x in value.split(",")], np.float32)
+    except ValueError as error:
+        raise ValueError(f"--intrinsics must be fx,fy,cx,cy or a .npy file, got {value!r}") from error
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="converted checkpoint directory (default: embedded tiny demo models)")
+    parser.add_argument("--image", help="first frame (default with the demo: the bundled example image)")
+    parser.add_argument("--prompt", help="text prompt")
+    parser.add_argument("--negative-prompt", default="", help="negative prompt (encoded without the instruction prefix)")
+    parser.add_argument("--embeddings", help=".npz of precomputed prompt embeddings (instead of the text encoder)")
+    path = parser.add_mutually_exclusive_group()
+    path.add_argument("--action", help="action string, e.g. w-40,jw-24,l-16 (w/s/a/d move, i/k/j/l look)")
+    path.add_argument("--c2w", help=".npy of camera-to-world poses (F, 4, 4), OpenCV axes")
+    parser.add_argument("--intrinsics", help="fx,fy,cx,cy in input-image pixels, or a .npy")
+    parser.add_argument("--num-frames", type=int, help="pixel frames, 8k+1 (default: 961 = 60 s; demo: 17)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 60; demo: 4)")
+    parser.add_argument("--cfg", type=float, default=5.0, help="text guidance scale (<= 1 disables CFG)")
+    parser.add_argument("--shift", type=float, default=9.8, help="flow-matching shift")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="compute dtype with --checkpoint (the demo runs in float32)")
+    parser.add_argument("--fused", action="store_true", help="run all denoising steps as one XLA program")
+    parser.add_argument("--out", required=True, help="output .mp4")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.checkpoint is None:
+        world = demo.demo_world_model(args.seed)
+        image_path = args.image or demo.asset_path(demo.EXAMPLE_IMAGE)
+        intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics else demo.example_intrinsics()
+        for name, value in DEMO_DEFAULTS.items():
+            if getattr(args, name) is None and not (name == "action" and args.c2w):
+                setattr(args, name, value)
+    else:
+        for name in ("image", "intrinsics"):
+            if getattr(args, name) is None:
+                raise ValueError(f"--{name} is required with --checkpoint")
+        if args.prompt is None and args.embeddings is None:
+            raise ValueError("--prompt or --embeddings is required with --checkpoint")
+        world = WorldModel.from_checkpoint(args.checkpoint, args.dtype, with_text_encoder=args.embeddings is None)
+        image_path, intrinsics = args.image, parse_intrinsics(args.intrinsics)
+    if args.action is None and args.c2w is None:
+        raise ValueError("give a camera path: --action or --c2w")
+
+    num_frames = args.num_frames or 961
+    image, source_size = load_image(image_path, world.target_size)
+    c2w = None if args.c2w is None else np.load(args.c2w)
+    c2w, intrinsics = camera_path(num_frames, source_size, world.target_size, intrinsics=intrinsics,
+                                  action=args.action, c2w=c2w)
+    sampler = SamplerConfig(num_steps=args.steps or 60, guidance_scale=args.cfg, shift=args.shift)
+    if args.embeddings:
+        text = load_embeddings_npz(args.embeddings, caption_channels=world.model.config.caption_channels)
+    else:
+        text = world.encode_prompt(args.prompt, args.negative_prompt, cfg=sampler.uses_guidance)
+    result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
+    for kind, path in write_outputs(args.out, result).items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

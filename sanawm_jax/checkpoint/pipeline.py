@@ -1,0 +1,86 @@
+"""Whole-pipeline checkpoints: the DiT, the LTX-2 VAE and the Gemma-2 text encoder (with its tokenizer) converted
+from their released PyTorch/Hugging Face files into one directory of our format (see `checkpoint.store`), and loaded
+back."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from sanawm_jax.checkpoint import store
+from sanawm_jax.checkpoint.convert import convert_state_dict
+from sanawm_jax.checkpoint.torch_sources import open_torch_checkpoint
+from sanawm_jax.config import SanaWMConfig
+from sanawm_jax.text.convert import abstract_gemma2_params, load_gemma2
+from sanawm_jax.text.encoder import TextEncoder, load_tokenizer
+from sanawm_jax.text.gemma2 import Gemma2Config
+from sanawm_jax.vae import VAEConfig, abstract_vae_params, convert_vae
+
+VAE_DIR = "vae"
+TEXT_ENCODER_DIR = "text_encoder"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json")
+
+
+def _present(folder: Path | None) -> Path | None:
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=None, text_encoder=None,
+                     tokenizer=None, log=print) -> Path:
+    """Convert a released SANA-WM pipeline into `out_dir/{transformer,vae,text_encoder}`.
+
+    src: the DiT (a diffusers pipeline root or transformer folder, an NVlabs .safetensors, or a torch pickle).
+    vae / text_encoder / tokenizer: folders of the other components; by default the `vae/`, `text_encoder/` and
+    `tokenizer/` subfolders of a pipeline root `src`, when present. Components that are not found are skipped (and
+    said so); the DiT is always converted. The DiT config comes from `config`, else from the source's config.json.
+    """
+    src, out_dir = Path(src), Path(out_dir)
+    source = open_torch_checkpoint(src)
+    if config is None:
+        if source.config is None:
+            raise ValueError(f"{source.description} carries no config.json: pass a config (e.g. --config sana_wm_2.6b)")
+        config = SanaWMConfig.from_diffusers_config(source.config)
+    log(f"transformer: converting {source.description} ({len(source.keys())} tensors)")
+    store.save_transformer(out_dir / store.TRANSFORMER_DIR, convert_state_dict(source, config, log=log), config)
+
+    root = src if src.is_dir() else None
+    vae = _present(Path(vae)) if vae else _present(root and root / VAE_DIR)
+    if vae is None:
+        log("vae: no folder given or found, skipped")
+    else:
+        vae_config, vae_params = convert_vae(vae)
+        log(f"vae: converted {vae}")
+        store.save_params(out_dir / VAE_DIR, vae_params, dataclasses.asdict(vae_config))
+
+    text_encoder = _present(Path(text_encoder)) if text_encoder else _present(root and root / TEXT_ENCODER_DIR)
+    if text_encoder is None:
+        log("text encoder: no folder given or found, skipped")
+    else:
+        tokenizer = Path(tokenizer) if tokenizer else _present(root and root / TOKENIZER_DIR) or text_encoder
+        load_tokenizer(tokenizer)  # fail before writing anything if the tokenizer is unusable
+        gemma_config, gemma_params = load_gemma2(text_encoder)
+        target = out_dir / TEXT_ENCODER_DIR
+        store.save_params(target, gemma_params, dataclasses.asdict(gemma_config))
+        for pattern in TOKENIZER_FILE_PATTERNS:
+            for path in tokenizer.glob(pattern):
+                shutil.copy2(path, target / path.name)
+        log(f"text encoder: converted {text_encoder} (tokenizer from {tokenizer})")
+    log(f"wrote {out_dir.absolute()}")
+    return out_dir
+
+
+def load_vae(ckpt_dir, sharding=None, **config_overrides) -> tuple[VAEConfig, dict]:
+    """`(VAEConfig, params)` from `ckpt_dir/vae` (or a VAE-only directory); overrides e.g. `dtype="bfloat16"`."""
+    model_dir = store.component_dir(ckpt_dir, VAE_DIR)
+    config = VAEConfig(**store.read_config(model_dir)).replace(**config_overrides)
+    return config, store.restore_params(model_dir, abstract_vae_params(config), sharding)
+
+
+def load_text_encoder(ckpt_dir, sharding=None, **config_overrides) -> TextEncoder:
+    """The Gemma-2 `TextEncoder` (tokenizer included) from `ckpt_dir/text_encoder`."""
+    model_dir = store.component_dir(ckpt_dir, TEXT_ENCODER_DIR)
+    config = dataclasses.replace(Gemma2Config(**store.read_config(model_dir)), **config_overrides)
+    params = store.restore_params(model_dir, abstract_gemma2_params(config), sharding)
+    return TextEncoder(load_tokenizer(model_dir), config, params)

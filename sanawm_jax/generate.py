@@ -1,0 +1,158 @@
+"""Stage-1 generation: image + prompt + camera path -> video, with every model in JAX.
+
+    world = WorldModel.from_checkpoint("ckpt")                 # written by convert_torch_weights.py
+    image, source_size = load_image("first_frame.png", world.target_size)
+    c2w, intrinsics = camera_path(17, source_size, world.target_size, action="w-16", intrinsics=[fx, fy, cx, cy])
+    result = world.generate(image, c2w, intrinsics, world.encode_prompt("a quiet street", cfg=True))
+    write_outputs("video.mp4", result)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sanawm_jax import camera, vae
+from sanawm_jax.checkpoint import pipeline, store
+from sanawm_jax.data.video import DEFAULT_FPS, write_video
+from sanawm_jax.diffusion.sampler import initial_noise, sample
+from sanawm_jax.diffusion.scheduler import SamplerConfig
+from sanawm_jax.text.encoder import PromptEmbeddings, TextEncoder
+from sanawm_jax.transformer import SanaWMTransformer
+
+
+def load_image(path, target_size: tuple[int, int] = camera.TARGET_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB image resized to cover `target_size` (H, W) with Lanczos, centre-cropped, scaled to [-1, 1].
+
+    Returns (image (H, W, 3) float32, source size (h, w)).
+    """
+    try:
+        with Image.open(path) as opened:
+            picture = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    source_size = (picture.height, picture.width)
+    (resized_h, resized_w), (top, left) = camera.center_crop_geometry(source_size, target_size)
+    picture = picture.resize((resized_w, resized_h), Image.LANCZOS)
+    picture = picture.crop((left, top, left + target_size[1], top + target_size[0]))
+    return np.asarray(picture, np.float32) / 127.5 - 1.0, source_size
+
+
+def camera_path(num_frames: int, source_size, target_size, *, intrinsics, action: str | None = None,
+                c2w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num_frames` poses of an action string or a c2w array (F, 4, 4), with intrinsics ((3,3), (F,3,3),
+    (4,) or (F,4) [fx, fy, cx, cy] in source-image pixels) mapped onto the resized and cropped target image.
+
+    Returns (c2w (num_frames, 4, 4), intrinsics (num_frames, 4) in target pixels).
+    """
+    if (action is None) == (c2w is None):
+        raise ValueError("give exactly one of an action string or a c2w trajectory")
+    if num_frames != camera.snap_num_frames(num_frames):
+        lower = camera.snap_num_frames(num_frames)
+        raise ValueError(f"num_frames must be 8k+1 (latent frames are 8 pixel frames apart); got {num_frames}, "
+                         f"use {lower} or {lower + 8}")
+    trajectory = camera.action_string_to_c2w(action) if action is not None else np.asarray(c2w, np.float32)
+    if trajectory.ndim != 3 or trajectory.shape[1:] != (4, 4):
+        raise ValueError(f"c2w trajectory must be (F, 4, 4), got {trajectory.shape}")
+    if len(trajectory) < num_frames:
+        raise ValueError(f"the camera trajectory has {len(trajectory)} frames, fewer than the {num_frames} requested")
+    per_frame = camera.intrinsics_per_frame(intrinsics, num_frames)
+    return trajectory[:num_frames], camera.resize_crop_intrinsics(per_frame, source_size, target_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """latents (T, h, w, C) normalised; video (F, H, W, 3) uint8; the camera path (c2w (F, 4, 4) and intrinsics
+    (F, 4) in target pixels) the video was generated along."""
+
+    latents: np.ndarray
+    video: np.ndarray
+    c2w: np.ndarray
+    intrinsics: np.ndarray
+
+
+@dataclasses.dataclass
+class WorldModel:
+    """The three models of stage 1 and their parameters."""
+
+    model: SanaWMTransformer
+    params: dict
+    vae_config: vae.VAEConfig
+    vae_params: dict
+    text_encoder: TextEncoder | None
+    target_size: tuple[int, int] = camera.TARGET_SIZE
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, dtype: str = "float32", target_size=camera.TARGET_SIZE,
+                        with_text_encoder: bool = True) -> "WorldModel":
+        """Load a directory written by convert_torch_weights.py; `dtype` is the compute (and parameter) dtype."""
+        ckpt_dir = Path(ckpt_dir)
+        required = [store.TRANSFORMER_DIR, pipeline.VAE_DIR] + ([pipeline.TEXT_ENCODER_DIR] if with_text_encoder else [])
+        missing = [part for part in required if not (ckpt_dir / part / store.CONFIG_FILE).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"checkpoint {ckpt_dir} lacks {', '.join(missing)}/ (convert them with convert_torch_weights.py"
+                f"{'' if pipeline.TEXT_ENCODER_DIR not in missing else '; or pass precomputed --embeddings'})"
+            )
+        model, params = store.load_transformer(ckpt_dir, dtype=dtype, param_dtype=dtype)
+        vae_config, vae_params = pipeline.load_vae(ckpt_dir, dtype=dtype)
+        text_encoder = pipeline.load_text_encoder(ckpt_dir, dtype=dtype) if with_text_encoder else None
+        return cls(model, params, vae_config, vae_params, text_encoder, tuple(target_size))
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "", cfg: bool = True) -> PromptEmbeddings:
+        """Gemma-2 conditioning of one prompt (and of the negative prompt when `cfg`)."""
+        if self.text_encoder is None:
+            raise ValueError("this WorldModel has no text encoder: pass precomputed embeddings")
+        embeds, mask = self.text_encoder.encode(prompt)
+        negative, negative_mask = self.text_encoder.encode_negative(negative_prompt) if cfg else (None, None)
+        return PromptEmbeddings(embeds, mask, negative, negative_mask)
+
+    def generate(self, image, c2w, intrinsics, text: PromptEmbeddings, sampler: SamplerConfig = SamplerConfig(),
+                 seed: int = 0, fused: bool = False, progress: bool = True) -> GenerationResult:
+        """image (H, W, 3) in [-1, 1] at target size, c2w (F, 4, 4), intrinsics (F, 4) in target pixels."""
+        if tuple(np.shape(image)) != (*self.target_size, 3):
+            raise ValueError(f"image must be {(*self.target_size, 3)}, got {np.shape(image)}")
+        stride = self.vae_config.encoder_compression
+        conditions, plucker = camera.prepare_camera(c2w, intrinsics, self.target_size, stride)
+        first_frame = vae.encode(self.vae_params, jnp.asarray(image)[None, None], self.vae_config)
+        noise = initial_noise(jax.random.key(seed), first_frame, conditions.shape[0])
+        negative = (None, None)
+        if sampler.uses_guidance:
+            if text.negative_prompt_embeds is None:
+                raise ValueError("guidance_scale > 1 needs negative prompt embeddings")
+            negative = (text.negative_prompt_embeds, text.negative_prompt_attention_mask)
+        latents = sample(
+            self.model, self.params, first_frame_latent=first_frame, noise=noise,
+            text=jnp.asarray(text.prompt_embeds), text_mask=jnp.asarray(text.prompt_attention_mask),
+            negative_text=None if negative[0] is None else jnp.asarray(negative[0]),
+            negative_text_mask=None if negative[1] is None else jnp.asarray(negative[1]),
+            camera_conditions=conditions[None], chunk_plucker=plucker[None],
+            config=sampler, fused=fused, progress=progress,
+        )
+        video = vae.decode_tiled(self.vae_params, latents, self.vae_config,
+                                 out=np.empty(self.video_shape(latents.shape[1]), np.uint8))
+        return GenerationResult(np.asarray(latents[0]), video[0], np.asarray(c2w), np.asarray(intrinsics))
+
+    def video_shape(self, num_latent_frames: int) -> tuple[int, ...]:
+        return (1, self.vae_config.num_pixel_frames(num_latent_frames), *self.target_size, 3)
+
+
+def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS) -> dict[str, Path]:
+    """`<path>` (H.264 mp4), `<stem>.latents.npz` (latents (T, h, w, C)) and `<stem>.trajectory.npz` (c2w,
+    intrinsics in target pixels, fps) beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        "video": path,
+        "latents": path.with_name(f"{path.stem}.latents.npz"),
+        "trajectory": path.with_name(f"{path.stem}.trajectory.npz"),
+    }
+    write_video(path, result.video, fps=fps, crf=18)
+    np.savez(outputs["latents"], latents=result.latents)
+    np.savez(outputs["trajectory"], c2w=result.c2w, intrinsics=result.intrinsics, fps=np.float32(fps))
+    return outputs
