@@ -61,7 +61,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.checkpoint is None:
-        world = demo.demo_world_model(args.seed)
+        target_size = demo.TARGET_SIZE
         image_path = args.image or demo.asset_path(demo.EXAMPLE_IMAGE)
         intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics else demo.example_intrinsics()
         for name, value in DEMO_DEFAULTS.items():
@@ -73,17 +73,23 @@ def main(argv=None):
                 raise ValueError(f"--{name} is required with --checkpoint")
         if args.prompt is None and args.embeddings is None:
             raise ValueError("--prompt or --embeddings is required with --checkpoint")
-        world = WorldModel.from_checkpoint(args.checkpoint, args.dtype, with_text_encoder=args.embeddings is None)
+        target_size = camera.TARGET_SIZE
         image_path, intrinsics = args.image, parse_intrinsics(args.intrinsics)
     if args.action is None and args.c2w is None:
         raise ValueError("give a camera path: --action or --c2w")
 
-    num_frames = args.num_frames or 961
-    image, source_size = load_image(image_path, world.target_size)
+    # Inputs are checked before any model is loaded.
+    image, source_size = load_image(image_path, target_size)
     c2w = None if args.c2w is None else np.load(args.c2w)
-    c2w, intrinsics = camera_path(num_frames, source_size, world.target_size, intrinsics=intrinsics,
+    c2w, intrinsics = camera_path(args.num_frames or 961, source_size, target_size, intrinsics=intrinsics,
                                   action=args.action, c2w=c2w)
     sampler = SamplerConfig(num_steps=args.steps or 60, guidance_scale=args.cfg, shift=args.shift)
+
+    if args.checkpoint is None:
+        world = demo.demo_world_model(args.seed)
+    else:
+        world = WorldModel.from_checkpoint(args.checkpoint, args.dtype, target_size,
+                                           with_text_encoder=args.embeddings is None)
     if args.embeddings:
         text = load_embeddings_npz(args.embeddings, caption_channels=world.model.config.caption_channels)
     else:
