@@ -91,7 +91,8 @@ def main(argv=None):
         world = WorldModel.from_checkpoint(args.checkpoint, args.dtype, target_size,
                                            with_text_encoder=args.embeddings is None)
     if args.embeddings:
-        text = load_embeddings_npz(args.embeddings, caption_channels=world.model.config.caption_channels)
+        text = load_embeddings_npz(args.embeddings, caption_channels=world.model.config.caption_channels,
+                                   max_sequence_length=None)
     else:
         text = world.encode_prompt(args.prompt, args.negative_prompt, cfg=sampler.uses_guidance)
     result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)

@@ -9,7 +9,6 @@ the same velocity (relative L2), then times a forward pass of each (median of --
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -20,15 +19,9 @@ from sanawm_jax.checkpoint.convert import convert_state_dict
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
 from sanawm_jax.config import SanaWMConfig
 from sanawm_jax.transformer import SanaWMTransformer
+from timing import median_seconds
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_inputs(rng, args, config):

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +28,7 @@ from diffusers.models.transformers.transformer_sana_wm import flip_and_shift, to
 
 from pallas_kernels.frame_gdn import frame_gdn_costs
 from sanawm_jax.ops.gdn import frame_gdn
+from timing import median_seconds
 
 EPS = 1e-8
 ORACLE_CHUNK = 21  # SanaWMBidirectionalGDNAttention's default temporal chunk
@@ -41,14 +40,6 @@ H100 = {  # H100 SXM peaks (dense) assumed for the roofline
 }
 
 
-def median_seconds(fn, repeats):
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_inputs(rng, batch, heads, frames, tokens, dim):

@@ -10,7 +10,6 @@ not depend on their values); JAX is timed after a warm-up call that compiles the
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -26,6 +25,7 @@ from sanawm_jax.config import SanaWMConfig
 from sanawm_jax.diffusion.sampler import denoise_step, guidance_conditioning
 from sanawm_jax.diffusion.scheduler import flow_sigmas, flow_timesteps
 from sanawm_jax.transformer import SanaWMTransformer
+from timing import median_seconds
 
 # diffusers model arguments and the latent video (frames, height, width) of each benchmark case.
 CASES = {
@@ -62,14 +62,6 @@ def make_inputs(case, rng):
     )
 
 
-def median_seconds(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def jax_step(oracle, case, inputs):

@@ -232,7 +232,7 @@ def _tile_gradients(kind, refs, dy_ref, grads, t, rows, beta, decay, previous, r
     previous: M_{n-1}; read: the state frame t read; adjoint: Λ_n. Returns this tile's (dβ part (rows,),
     erased part Σ dV Kᵀ, dg part −Σ dV·(K M_{n-1}ᵀ)).
     """
-    key, query, dy = _load(refs.key, t, rows), _load(refs.query, t, rows), _load(dy_ref, t, rows)
+    key, dy = _load(refs.key, t, rows), _load(dy_ref, t, rows)
     value = jnp.ones(beta.shape, F32) if refs.value is None else _load(refs.value, t, rows)
     key_previous = kind.apply(previous, key)
     residual = value - decay * key_previous  # U

@@ -93,7 +93,6 @@ class DualBranchAttention(nn.Module):
         token_mask = None if frame_mask is None else frame_mask.astype(x.dtype)[:, :, None, None]
         masked = (lambda a: a) if token_mask is None else (lambda a: a * token_mask)
         as_heads = lambda a: a.reshape(b, n, h, d)
-        as_frames = lambda a: a.reshape(b, t, s, h, d)
 
         hidden = masked(x)
         query, key, value = (masked(a) for a in jnp.split(lin(3 * c, "qkv", bias=False)(hidden), 3, axis=-1))

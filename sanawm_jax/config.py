@@ -7,15 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
+from sanawm_jax.dtypes import DtypePolicy
 
 GDN_IMPLS = ("xla", "pallas")
 ATTENTION_IMPLS = ("xla", "cudnn")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
-class SanaWMConfig:
+class SanaWMConfig(DtypePolicy):
     """Architecture of the SANA-WM DiT plus the numerics/runtime policy of our implementation.
 
     Architecture fields keep the names of diffusers' `SanaWMTransformer3DModel` config so released `config.json`
@@ -59,12 +58,10 @@ class SanaWMConfig:
             (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of num_attention_heads"),
             (self.linear_head_dim % 8 == 0, "linear_head_dim must be a multiple of 8 (UCPE 4x4 groups on half of it)"),
             (self.patch_size[0] == 1, "temporal patch size must be 1"),
-            (self.param_dtype in DTYPES, f"param_dtype must be one of {sorted(DTYPES)}"),
-            (self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}"),
             (self.gdn_impl in GDN_IMPLS, f"gdn_impl must be one of {GDN_IMPLS}"),
             (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}"),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self.dtype_checks():
             if not ok:
                 raise ValueError(f"SanaWMConfig: {message} (got {self})")
 
@@ -82,13 +79,7 @@ class SanaWMConfig:
     def has_plucker_proj(self, index: int) -> bool:
         return self.chunk_plucker_post_attn_blocks < 0 or index < self.chunk_plucker_post_attn_blocks
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
-    @property
-    def parameter_dtype(self):
-        return DTYPES[self.param_dtype]
 
     def replace(self, **changes) -> "SanaWMConfig":
         return dataclasses.replace(self, **changes)

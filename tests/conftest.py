@@ -5,14 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-TINY_DIFFUSERS_CONFIG = dict(
-    in_channels=8,
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=4,
-    linear_head_dim=16,
-    caption_channels=32,
-    chunk_plucker_post_attn_blocks=4,
+from sanawm_jax.config import PRESETS
+
+# Our tiny preset, spelled as diffusers `SanaWMTransformer3DModel` arguments.
+TINY_DIFFUSERS_CONFIG = {
+    name: getattr(PRESETS["sana_wm_tiny"], name)
+    for name in ("in_channels", "num_layers", "hidden_size", "num_attention_heads", "linear_head_dim",
+                 "caption_channels", "chunk_plucker_post_attn_blocks")
+}
+# The `ltx2_video_tiny` VAE preset, spelled as diffusers `AutoencoderKLLTX2Video` arguments (compression ratios given
+# explicitly: diffusers' derivation from the block flags says 64/16).
+TINY_VAE_DIFFUSERS_CONFIG = dict(
+    latent_channels=8,
+    block_out_channels=(8, 16, 32, 32),
+    decoder_block_out_channels=(16, 32, 32),
+    layers_per_block=(1, 0, 0, 0, 1),
+    decoder_layers_per_block=(1, 0, 0, 1),
+    upsample_factor=(1, 1, 2),
+    upsample_residual=(True, False, True),
+    decoder_causal=False,
+    spatial_compression_ratio=32,
+    temporal_compression_ratio=8,
 )
 
 

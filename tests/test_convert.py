@@ -128,3 +128,13 @@ def test_mismatched_checkpoint_names_the_key(oracle_fp32, tmp_path, edit, messag
     with pytest.raises(ConversionError, match=message):
         convert_torch_weights.main([str(tmp_path / "broken.pt"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
     assert not (tmp_path / "out").exists()
+
+
+def test_load_places_params_with_the_requested_sharding(oracle_fp32, tmp_path):
+    oracle, _ = oracle_fp32
+    write_torch_pickle(oracle, tmp_path / "model.pt")
+    convert_torch_weights.main([str(tmp_path / "model.pt"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    _, params = load_transformer(tmp_path / "out", sharding=replicated)
+    assert {leaf.sharding for leaf in jax.tree.leaves(params)} == {replicated}

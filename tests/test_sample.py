@@ -18,7 +18,7 @@ from sanawm_jax.checkpoint.pipeline import load_text_encoder, load_vae
 from sanawm_jax.data.video import read_video_window
 from sanawm_jax.text.encoder import TextEncoder
 from sanawm_jax.vae import convert_vae
-from tests.conftest import randomize_
+from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
 
 
 def video_fps(path) -> float:
@@ -51,12 +51,7 @@ def pipeline_root(tiny_oracle, tmp_path_factory):
     oracle, _ = tiny_oracle
     copy.deepcopy(oracle).float().save_pretrained(root / "transformer")
     torch.manual_seed(0)
-    vae = randomize_(AutoencoderKLLTX2Video(
-        latent_channels=8, block_out_channels=(8, 16, 32, 32), decoder_block_out_channels=(16, 32, 32),
-        layers_per_block=(1, 0, 0, 0, 1), decoder_layers_per_block=(1, 0, 0, 1), upsample_factor=(1, 1, 2),
-        upsample_residual=(True, False, True), decoder_causal=False, spatial_compression_ratio=32,
-        temporal_compression_ratio=8,
-    ), seed=2)
+    vae = randomize_(AutoencoderKLLTX2Video(**TINY_VAE_DIFFUSERS_CONFIG), seed=2)
     vae.save_pretrained(root / "vae")
     tokenizer = demo.byte_tokenizer()
     gemma = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -123,3 +118,20 @@ def test_missing_checkpoint_part_is_named(converted_pipeline, tmp_path):
         sample.main(["--checkpoint", str(partial), "--image", str(demo.asset_path(demo.EXAMPLE_IMAGE)),
                      "--prompt", "x", "--action", "w-8", "--intrinsics", "100,100,50,50", "--num-frames", "9",
                      "--out", str(tmp_path / "x.mp4")])
+
+
+def test_sample_with_precomputed_embeddings_needs_no_text_encoder(converted_pipeline, tmp_path):
+    from sanawm_jax.text.encoder import PromptEmbeddings, save_embeddings_npz
+
+    partial = tmp_path / "no_text"
+    shutil.copytree(converted_pipeline, partial)
+    shutil.rmtree(partial / "text_encoder")
+    rng = np.random.default_rng(0)
+    embeddings = PromptEmbeddings(rng.standard_normal((1, 6, 32)).astype(np.float32), np.ones((1, 6), np.int32))
+    save_embeddings_npz(tmp_path / "text.npz", embeddings)
+    fx, fy, cx, cy = demo.example_intrinsics()
+    out = tmp_path / "video.mp4"
+    sample.main(["--checkpoint", str(partial), "--image", str(demo.asset_path(demo.EXAMPLE_IMAGE)),
+                 "--embeddings", str(tmp_path / "text.npz"), "--action", "w-8", "--intrinsics", f"{fx},{fy},{cx},{cy}",
+                 "--num-frames", "9", "--steps", "1", "--cfg", "1", "--dtype", "float32", "--fused", "--out", str(out)])
+    assert read_video_window(out, 0, 0)[1] == 9

@@ -9,7 +9,6 @@ op, accumulated through the stack).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

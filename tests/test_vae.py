@@ -21,22 +21,10 @@ from sanawm_jax.checkpoint.convert import ConversionError
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
 from sanawm_jax.vae import VAE_PRESETS, VAEConfig, convert_vae, decode, decode_tiled, encode, video_to_uint8
 from sanawm_jax.vae.convert import convert_vae_state_dict, flax_path, torch_key
-from tests.conftest import randomize_
+from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
 
 # The `ltx2_video_tiny` preset in diffusers' spelling. The compression ratios must be explicit: diffusers' default
 # derivation assumes every block scales time and space (64/16).
-TINY_VAE_DIFFUSERS_CONFIG = dict(
-    latent_channels=8,
-    block_out_channels=(8, 16, 32, 32),
-    decoder_block_out_channels=(16, 32, 32),
-    layers_per_block=(1, 0, 0, 0, 1),
-    decoder_layers_per_block=(1, 0, 0, 1),
-    upsample_factor=(1, 1, 2),
-    upsample_residual=(True, False, True),
-    decoder_causal=False,
-    spatial_compression_ratio=32,
-    temporal_compression_ratio=8,
-)
 HEIGHT, WIDTH = 64, 96  # latent grid 2x3: non-square, and >= 2 for the decoder's reflect padding
 FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 3e-2

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sanawm_jax.config import DTYPES
+from sanawm_jax.dtypes import DtypePolicy
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 ACTIVATION = "gelu_pytorch_tanh"
@@ -26,7 +26,7 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma2Config:
+class Gemma2Config(DtypePolicy):
     """Gemma-2 architecture (Hugging Face field names; defaults are Gemma-2-2B's) plus our numerics policy.
 
     layer_types: one of LAYER_TYPES per layer; empty means Hugging Face's default (even layers sliding, odd global).
@@ -62,10 +62,8 @@ class Gemma2Config:
              "num_attention_heads must be a multiple of num_key_value_heads"),
             (self.head_dim % 2 == 0, "head_dim must be even (rotary pairs)"),
             (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None"),
-            (self.param_dtype in DTYPES, f"param_dtype must be one of {sorted(DTYPES)}"),
-            (self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}"),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self.dtype_checks():
             if not ok:
                 raise ValueError(f"Gemma2Config: {message} (got {self})")
 
@@ -98,13 +96,7 @@ class Gemma2Config:
         values["layer_types"] = tuple(hf.get("layer_types") or ())
         return cls(**values, param_dtype=param_dtype, dtype=dtype)
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
-    @property
-    def parameter_dtype(self):
-        return DTYPES[self.param_dtype]
 
 
 class Gemma2RMSNorm(nn.Module):

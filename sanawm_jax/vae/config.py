@@ -6,9 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
-import jax.numpy as jnp
+from sanawm_jax.dtypes import DtypePolicy
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # (t, h, w) stride of each encoder downsampling type and decoder upsampling type.
 SCALING_STRIDES = {"spatial": (1, 2, 2), "temporal": (2, 1, 1), "spatiotemporal": (2, 2, 2)}
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -16,7 +15,7 @@ DOWN_BLOCK_TYPE = "LTX2VideoDownBlock3D"
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(DtypePolicy):
     """Architecture of the LTX-2 video VAE plus the numerics policy of our implementation.
 
     Architecture fields keep the names of diffusers' `AutoencoderKLLTX2Video` config; the defaults are the released
@@ -72,10 +71,8 @@ class VAEConfig:
              f"down/upsample types must be in {sorted(SCALING_STRIDES)}"),
             ({self.encoder_spatial_padding_mode, self.decoder_spatial_padding_mode} <= set(PADDING_MODES),
              f"padding modes must be in {sorted(PADDING_MODES)}"),
-            (self.param_dtype in DTYPES, f"param_dtype must be one of {sorted(DTYPES)}"),
-            (self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}"),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self.dtype_checks():
             if not ok:
                 raise ValueError(f"VAEConfig: {message} (got {self})")
         if self.encoder_compression != self.decoder_compression:
@@ -102,13 +99,7 @@ class VAEConfig:
     def spatial_compression_ratio(self) -> int:
         return self.encoder_compression[1]
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
-    @property
-    def parameter_dtype(self):
-        return DTYPES[self.param_dtype]
 
     def num_pixel_frames(self, num_latent_frames: int) -> int:
         """Latent frames 1 + k -> pixel frames 1 + k * t_ratio (the first frame is encoded on its own)."""
