@@ -1,6 +1,6 @@
 """Throughput of the grain loader (clips/s) on decoded videos and on cached latents.
 
-    PYTHONPATH=. /work/venv/bin/python bench/data.py --clips 16 --frames 33 --source 144 256 --target 128 224
+    python bench/data.py --clips 16 --frames 33 --source 144 256 --target 128 224
 
 Videos: synthetic clips rendered at --source and stored as H.264, loaded with random --frames windows, resized and
 centre-cropped to --target. Latents: the same clips cached at --target by a pooling stand-in encoder. With

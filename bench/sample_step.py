@@ -4,7 +4,7 @@ A step is what the sampling loop does once: the DiT on the CFG batch [uncond; co
 guidance mix and the per-token Euler update. Both sides run float32 on the CPU with random weights (the timing does
 not depend on their values); JAX is timed after a warm-up call that compiles the step.
 
-    cd /work/main && PYTHONPATH=. /work/venv/bin/python bench/sample_step.py [--configs tiny small] [--repeats 5]
+    python bench/sample_step.py [--configs tiny small] [--repeats 5]
 """
 
 from __future__ import annotations
