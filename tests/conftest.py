@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sanawm_jax.config import PRESETS
+from sanawm_jax.vae import VAE_PRESETS
 
 # Our tiny preset, spelled as diffusers `SanaWMTransformer3DModel` arguments.
 TINY_DIFFUSERS_CONFIG = {
@@ -15,18 +16,15 @@ TINY_DIFFUSERS_CONFIG = {
 }
 # The `ltx2_video_tiny` VAE preset, spelled as diffusers `AutoencoderKLLTX2Video` arguments (compression ratios given
 # explicitly: diffusers' derivation from the block flags says 64/16).
-TINY_VAE_DIFFUSERS_CONFIG = dict(
-    latent_channels=8,
-    block_out_channels=(8, 16, 32, 32),
-    decoder_block_out_channels=(16, 32, 32),
-    layers_per_block=(1, 0, 0, 0, 1),
-    decoder_layers_per_block=(1, 0, 0, 1),
-    upsample_factor=(1, 1, 2),
-    upsample_residual=(True, False, True),
-    decoder_causal=False,
-    spatial_compression_ratio=32,
-    temporal_compression_ratio=8,
-)
+TINY_VAE_DIFFUSERS_CONFIG = {
+    **{
+        name: getattr(VAE_PRESETS["ltx2_video_tiny"], name)
+        for name in ("latent_channels", "block_out_channels", "decoder_block_out_channels", "layers_per_block",
+                     "decoder_layers_per_block", "upsample_factor", "upsample_residual", "decoder_causal")
+    },
+    "spatial_compression_ratio": 32,
+    "temporal_compression_ratio": 8,
+}
 
 
 def randomize_(module, seed: int, scale: float = 0.05):

@@ -14,6 +14,7 @@ from sanawm_jax.data.pipeline import DataConfig, RejectedClips, make_dataset
 from sanawm_jax.data.sources import ClipDirectorySource
 from sanawm_jax.data.transforms import resize_crop_frames
 from sanawm_jax.data.video import read_video_window
+from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG
 
 NUM_CLIPS, SOURCE_FRAMES, HEIGHT, WIDTH = 3, 25, 64, 96
 TARGET = (64, 64)
@@ -131,22 +132,11 @@ def test_text_cli_encodes_dataset_captions_and_import_stores_precomputed_ones(tm
 @pytest.fixture(scope="module")
 def tiny_vae_folder(tmp_path_factory):
     """A randomised diffusers LTX-2 VAE (strides t8/h32/w32, 8 latent channels) saved as a diffusers folder."""
-    torch = pytest.importorskip("torch")
+    import torch
     from diffusers import AutoencoderKLLTX2Video
 
     torch.manual_seed(0)
-    vae = AutoencoderKLLTX2Video(
-        latent_channels=8,
-        block_out_channels=(8, 16, 32, 32),
-        decoder_block_out_channels=(16, 32, 32),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1),
-        upsample_factor=(1, 1, 2),
-        upsample_residual=(True, False, True),
-        scaling_factor=0.7,
-        spatial_compression_ratio=32,
-        temporal_compression_ratio=8,
-    ).eval()
+    vae = AutoencoderKLLTX2Video(**TINY_VAE_DIFFUSERS_CONFIG, scaling_factor=0.7).eval()
     generator = torch.Generator().manual_seed(1)
     vae.latents_mean.copy_(0.1 * torch.randn(vae.latents_mean.shape, generator=generator))
     vae.latents_std.copy_(0.5 + torch.rand(vae.latents_std.shape, generator=generator))

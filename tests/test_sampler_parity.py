@@ -29,6 +29,7 @@ from sanawm_jax.diffusion import SamplerConfig, initial_noise, sample
 from sanawm_jax.diffusion.sampler import denoise_step, guidance_conditioning
 from sanawm_jax.diffusion.scheduler import flow_sigmas
 from sanawm_jax.transformer import SanaWMTransformer
+from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG
 
 HEIGHT, WIDTH, NUM_FRAMES = 64, 96, 17  # -> 3 latent frames of 2x3 tokens
 VAE_STRIDE = (8, 32, 32)
@@ -40,16 +41,7 @@ INTRINSICS = np.array([70.0, 75.0, 47.5, 31.0], np.float32)  # fx, fy, cx, cy of
 def tiny_vae():
     """A randomised LTX-2 VAE with the released strides (t8/h32/w32), 8 latent channels and non-trivial latent stats."""
     torch.manual_seed(3)
-    vae = AutoencoderKLLTX2Video(
-        latent_channels=8,
-        block_out_channels=(8, 8, 16, 16),
-        decoder_block_out_channels=(8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1),
-        scaling_factor=0.7,
-        spatial_compression_ratio=32,
-        temporal_compression_ratio=8,
-    ).eval()
+    vae = AutoencoderKLLTX2Video(**TINY_VAE_DIFFUSERS_CONFIG, scaling_factor=0.7).eval()
     generator = torch.Generator().manual_seed(4)
     vae.latents_mean.copy_(0.1 * torch.randn(8, generator=generator))
     vae.latents_std.copy_(0.5 + torch.rand(8, generator=generator))
