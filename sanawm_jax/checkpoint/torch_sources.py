@@ -223,6 +223,27 @@ def open_safetensors_file(path: Path) -> SafetensorsSource:
     return SafetensorsSource(read_safetensors_header(path), f"safetensors file {path}")
 
 
+def read_sharded_index(index_path: Path) -> tuple[dict[str, SafetensorsEntry], int]:
+    """The entries of every tensor of an indexed, sharded safetensors checkpoint (shards beside the index), and the
+    number of shards. Missing shards and tensors missing from their shard raise errors naming them."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: no weight_map in the index")
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{index_path}: shard {shard} is missing (expected at {shard_path})")
+        headers[shard] = read_safetensors_header(shard_path)
+    entries = {}
+    for key, shard in weight_map.items():
+        if key not in headers[shard]:
+            raise ValueError(f"{index_path}: tensor {key!r} is mapped to {shard}, which does not contain it")
+        entries[key] = headers[shard][key]
+    return entries, len(headers)
+
+
 def open_diffusers_folder(folder: Path) -> SafetensorsSource:
     """A diffusers model folder: `config.json` plus a single or sharded (indexed) `diffusion_pytorch_model`."""
     config_path = folder / "config.json"
@@ -235,23 +256,8 @@ def open_diffusers_folder(folder: Path) -> SafetensorsSource:
     config = read_json(config_path)
     if single.is_file():
         return SafetensorsSource(read_safetensors_header(single), f"diffusers folder {folder} (1 file)", config)
-    index = read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index_path}: no weight_map in the index")
-    headers = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = folder / shard
-        if not shard_path.is_file():
-            raise FileNotFoundError(f"{index_path}: shard {shard} is missing (expected at {shard_path})")
-        headers[shard] = read_safetensors_header(shard_path)
-    entries = {}
-    for key, shard in weight_map.items():
-        if key not in headers[shard]:
-            raise ValueError(f"{index_path}: tensor {key!r} is mapped to {shard}, which does not contain it")
-        entries[key] = headers[shard][key]
-    description = f"diffusers folder {folder} ({len(headers)} shards)"
-    return SafetensorsSource(entries, description, config)
+    entries, num_shards = read_sharded_index(index_path)
+    return SafetensorsSource(entries, f"diffusers folder {folder} ({num_shards} shards)", config)
 
 
 def open_torch_pickle(path: Path) -> TorchStateDictSource:

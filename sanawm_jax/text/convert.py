@@ -17,7 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sanawm_jax.checkpoint.convert import flatten, raise_on_mismatch, unflatten
-from sanawm_jax.checkpoint.torch_sources import SafetensorsSource, read_json, read_safetensors_header
+from sanawm_jax.checkpoint.torch_sources import (
+    SafetensorsSource,
+    read_json,
+    read_safetensors_header,
+    read_sharded_index,
+)
 from sanawm_jax.text.gemma2 import Gemma2Config, Gemma2Model
 
 HF_WEIGHTS = "model.safetensors"
@@ -41,22 +46,8 @@ def open_hf_safetensors(folder: str | Path) -> SafetensorsSource:
         return SafetensorsSource(read_safetensors_header(single), f"Gemma-2 folder {folder} (1 file)", config)
     if not index_path.is_file():
         raise ValueError(f"{folder}: no weights ({HF_WEIGHTS} or {HF_INDEX})")
-    index = read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index_path}: no weight_map in the index")
-    entries = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = folder / shard
-        if not shard_path.is_file():
-            raise FileNotFoundError(f"{index_path}: shard {shard} is missing (expected at {shard_path})")
-        header = read_safetensors_header(shard_path)
-        for key in (key for key, owner in weight_map.items() if owner == shard):
-            if key not in header:
-                raise ValueError(f"{index_path}: tensor {key!r} is mapped to {shard}, which does not contain it")
-            entries[key] = header[key]
-    shards = len(set(weight_map.values()))
-    return SafetensorsSource(entries, f"Gemma-2 folder {folder} ({shards} shards)", config)
+    entries, num_shards = read_sharded_index(index_path)
+    return SafetensorsSource(entries, f"Gemma-2 folder {folder} ({num_shards} shards)", config)
 
 
 def abstract_gemma2_params(config: Gemma2Config) -> dict:
