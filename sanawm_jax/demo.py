@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from sanawm_jax import vae
 from sanawm_jax.config import PRESETS
+from sanawm_jax.data.cache import cache_latents, cache_text, source_captions
+from sanawm_jax.data.format import TextEmbeddingStore
+from sanawm_jax.data.sources import ClipDirectorySource
+from sanawm_jax.data.synthetic import write_synthetic_dataset
 from sanawm_jax.generate import WorldModel
 from sanawm_jax.text.encoder import TextEncoder
 from sanawm_jax.text.gemma2 import Gemma2Config, Gemma2Model
@@ -21,6 +28,7 @@ TARGET_SIZE = (128, 224)
 EXAMPLE_IMAGE = "example.png"
 EXAMPLE_INTRINSICS = "example_intrinsics.json"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+DEMO_DATA = {"num_clips": 4, "num_frames": 17, "height": 64, "width": 96}
 
 
 def asset_path(name: str):
@@ -73,3 +81,32 @@ def demo_world_model(seed: int = 0) -> WorldModel:
         text_encoder=TextEncoder(tokenizer, gemma_config, gemma_params),
         target_size=TARGET_SIZE,
     )
+
+
+def build_demo_dataset(data_dir, seed: int = 0) -> tuple[Path, Path]:
+    """The embedded default dataset of `train.py`: synthetic clips with latents and caption embeddings from the tiny
+    demo models, in `data_dir/clips` and `data_dir/text` (kept if already complete); returns both directories."""
+    clips_dir, text_dir = Path(data_dir) / "clips", Path(data_dir) / "text"
+    if (clips_dir / "clips.jsonl").is_file() and (text_dir / "null.npz").is_file():
+        return clips_dir, text_dir
+    world = demo_world_model(seed)
+    write_synthetic_dataset(
+        clips_dir, DEMO_DATA["num_clips"], DEMO_DATA["num_frames"], DEMO_DATA["height"],
+        DEMO_DATA["width"], seed=seed,
+    )
+
+    def encode_video(video: np.ndarray) -> np.ndarray:
+        return np.asarray(vae.encode(world.vae_params, video[None], world.vae_config)[0])
+
+    cache_latents(clips_dir, encode_video, (DEMO_DATA["height"], DEMO_DATA["width"]))
+
+    def encode_text(captions: list[str]):
+        return world.text_encoder.encode(captions)
+
+    def null_text():
+        embedding, mask = world.text_encoder.encode_negative("")
+        return np.asarray(embedding[0]), np.asarray(mask[0])
+
+    cache_text(source_captions(ClipDirectorySource(clips_dir)), encode_text, TextEmbeddingStore(text_dir),
+               null_text_fn=null_text)
+    return clips_dir, text_dir

@@ -1,0 +1,93 @@
+"""Stage-1 training settings (upstream recipe defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+# Fields that shape the run (data, length, checkpoints, seed, devices) but not the computation of one train step.
+RUN_FIELDS = (
+    "text_dropout", "num_frames", "target_size", "batch_size", "num_steps", "checkpoint_every", "max_checkpoints",
+    "seed", "mesh_data", "mesh_fsdp",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, objective, data and run settings; the model (and its dtype policy) is a `SanaWMConfig`.
+
+    learning_rate, betas, eps, weight_decay: AdamW at a constant learning rate (no warmup).
+    grad_clip_norm: global gradient-norm clip applied before AdamW.
+    flow_shift, logit_mean, logit_std: per-frame σ = shift(sigmoid(N(logit_mean, logit_std))).
+    clean_first_frame_prob: probability that frame 0 is the clean conditioning frame (then left out of the loss).
+    text_dropout: probability of training on the null text embedding (the loader's caption dropout).
+    num_frames, target_size: pixel frames (8k+1) and (H, W) of the training clips.
+    batch_size: examples per step on this process.
+    num_steps, checkpoint_every, max_checkpoints: run length, checkpoint interval and how many checkpoints to keep.
+    mesh_data, mesh_fsdp: ("data", "fsdp") device mesh; -1 data takes every device not used by fsdp.
+    """
+
+    learning_rate: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.5
+    flow_shift: float = 9.95
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    clean_first_frame_prob: float = 0.9
+    text_dropout: float = 0.1
+    num_frames: int = 961
+    target_size: tuple[int, int] = (704, 1280)
+    batch_size: int = 1
+    num_steps: int = 1000
+    checkpoint_every: int = 50
+    max_checkpoints: int = 3
+    seed: int = 3407
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "target_size", tuple(self.target_size))
+        checks = [
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "betas must be two values in [0, 1)"),
+            (self.eps > 0, "eps must be positive"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.grad_clip_norm > 0, "grad_clip_norm must be positive"),
+            (self.flow_shift > 0, "flow_shift must be positive"),
+            (self.logit_std > 0, "logit_std must be positive"),
+            (0 <= self.clean_first_frame_prob <= 1, "clean_first_frame_prob must be in [0, 1]"),
+            (0 <= self.text_dropout <= 1, "text_dropout must be in [0, 1]"),
+            (self.num_frames >= 1 and (self.num_frames - 1) % 8 == 0, "num_frames must be 8k+1"),
+            (self.batch_size >= 1, "batch_size must be positive"),
+            (self.num_steps >= 0, "num_steps must be >= 0"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be positive"),
+            (self.max_checkpoints >= 1, "max_checkpoints must be positive"),
+            (self.mesh_fsdp >= 1 and (self.mesh_data == -1 or self.mesh_data >= 1), "mesh sizes must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message} (got {self})")
+
+    def step_settings(self) -> "TrainConfig":
+        """This config with every field that the train step does not read set to its default, so that runs
+        differing only in data, length, seed or mesh share one compiled step."""
+        defaults = TrainConfig()
+        return self.replace(**{name: getattr(defaults, name) for name in RUN_FIELDS})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        return cls(**values)

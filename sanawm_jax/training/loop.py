@@ -1,0 +1,247 @@
+"""The stage-1 training loop: a jitted, FSDP-sharded train step and an orbax-checkpointed, exactly resumable run.
+
+    trainer = Trainer(model_config, train_config, workdir, dataset)    # resumes from workdir/checkpoints if any
+    records = trainer.run()                                            # until train_config.num_steps
+
+A checkpoint (every `checkpoint_every` steps and at the end of a run) holds params, optimiser state, the step and
+the grain iterator state, so a run that is stopped and resumed consumes the same batches and the same per-step
+random numbers (`jax.random.fold_in(key, step)`) as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sanawm_jax.config import SanaWMConfig
+from sanawm_jax.parallel import batch_sharding, fsdp_shardings, make_mesh
+from sanawm_jax.training import objective
+from sanawm_jax.training.config import TrainConfig
+from sanawm_jax.transformer import SanaWMTransformer, abstract_params, init_params
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "train_config.json"
+MODEL_INPUTS = ("latents", "camera_conditions", "chunk_plucker", "text", "text_mask", "frame_valid_mask")
+
+logger = logging.getLogger(__name__)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm gradient clipping, then AdamW at a constant learning rate."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(
+            config.learning_rate, b1=config.betas[0], b2=config.betas[1], eps=config.eps,
+            weight_decay=config.weight_decay,
+        ),
+    )
+
+
+def model_inputs(batch: dict) -> dict[str, np.ndarray]:
+    """The arrays of a loader batch that the train step consumes (strings and bookkeeping dropped)."""
+    missing = [name for name in MODEL_INPUTS[:5] if name not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}: train on cached latents with a text store")
+    return {name: np.asarray(batch[name]) for name in MODEL_INPUTS if name in batch}
+
+
+def training_loss(params, model: SanaWMTransformer, batch: dict, key: jax.Array, config: TrainConfig) -> jax.Array:
+    """Masked velocity MSE of one batch (see `objective`) with the noise drawn from `key`."""
+    frame_valid_mask = batch.get("frame_valid_mask")
+    inputs = objective.training_inputs(
+        key, batch["latents"], shift=config.flow_shift, clean_first_frame_prob=config.clean_first_frame_prob,
+        logit_mean=config.logit_mean, logit_std=config.logit_std, frame_valid_mask=frame_valid_mask,
+    )
+    velocity = model.apply(
+        {"params": params}, inputs["noisy_latents"], inputs["timesteps"], batch["text"], batch["text_mask"],
+        camera_conditions=batch["camera_conditions"], chunk_plucker=batch["chunk_plucker"],
+        frame_valid_mask=frame_valid_mask,
+    )
+    return objective.masked_mse(velocity, inputs["target"], inputs["frame_weights"])
+
+
+def init_key(seed: int) -> jax.Array:
+    """The random key of the parameter initialisation."""
+    return jax.random.split(jax.random.key(seed))[0]
+
+
+def abstract_train_state(model_config: SanaWMConfig, optimizer: optax.GradientTransformation) -> dict:
+    """{"params", "opt_state"} as ShapeDtypeStruct trees, without allocating anything."""
+    abstract = abstract_params(model_config)
+    return {"params": abstract, "opt_state": jax.eval_shape(optimizer.init, abstract)}
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+    """The random key of training step `step`: independent of where a run was stopped and resumed."""
+    return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], step)
+
+
+def train_step_fn(model: SanaWMTransformer, optimizer: optax.GradientTransformation, config: TrainConfig):
+    """(params, opt_state, batch, key) -> (params, opt_state, {"loss", "grad_norm"}): one optimiser step."""
+
+    def train_step(params, opt_state, batch, key):
+        loss, grads = jax.value_and_grad(training_loss)(params, model, batch, key, config)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return train_step
+
+
+@functools.cache
+def train_step_program(model_config: SanaWMConfig, config: TrainConfig, mesh: Mesh):
+    """The jitted train step with params and optimiser state FSDP-sharded over `mesh` (donated), the batch split
+    along its leading axis; one program per (model config, `TrainConfig.step_settings()`, mesh), shared by every
+    Trainer."""
+    optimizer = make_optimizer(config)
+    abstract = abstract_train_state(model_config, optimizer)
+    param_shardings = fsdp_shardings(abstract["params"], mesh)
+    opt_shardings = fsdp_shardings(abstract["opt_state"], mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        train_step_fn(SanaWMTransformer(model_config), optimizer, config),
+        in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated),
+        out_shardings=(param_shardings, opt_shardings, replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+@functools.cache
+def init_program(model_config: SanaWMConfig, mesh: Mesh):
+    """key -> freshly initialised params, FSDP-sharded over `mesh`."""
+    shardings = fsdp_shardings(abstract_params(model_config), mesh)
+    return jax.jit(lambda key: init_params(model_config, key), out_shardings=shardings)
+
+
+class Trainer:
+    """Params and optimiser state sharded over a ("data", "fsdp") mesh, a batch iterator, and a checkpoint manager
+    in `workdir/checkpoints`. With `resume` (the default) the latest checkpoint there is restored."""
+
+    def __init__(self, model_config: SanaWMConfig, config: TrainConfig, workdir, dataset, resume: bool = True):
+        self.model_config = model_config
+        self.config = config
+        self.workdir = Path(workdir).absolute()
+        self.model = SanaWMTransformer(model_config)
+        self.optimizer = make_optimizer(config)
+        self.mesh = make_mesh(config.mesh_data, config.mesh_fsdp)
+        self.abstract_state = abstract_train_state(model_config, self.optimizer)
+        self.param_shardings = fsdp_shardings(self.abstract_state["params"], self.mesh)
+        self.opt_shardings = fsdp_shardings(self.abstract_state["opt_state"], self.mesh)
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.iterator = iter(dataset)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.manager = ocp.CheckpointManager(
+            self.workdir / CHECKPOINT_DIR,
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, enable_async_checkpointing=False),
+        )
+        self._train_step = train_step_program(model_config, config.step_settings(), self.mesh)
+        self.step = 0
+        if resume and self.manager.latest_step() is not None:
+            self._check_saved_model_config()
+            self.restore(self.manager.latest_step())
+        else:
+            self._initialize()
+            self._write_configs()
+
+    def _initialize(self):
+        self.params = init_program(self.model_config, self.mesh)(init_key(self.config.seed))
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
+        self.step = 0
+
+    def _write_configs(self):
+        payload = {"model": self.model_config.to_dict(), "train": self.config.to_dict()}
+        (self.workdir / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+    def _check_saved_model_config(self):
+        saved, _ = read_run_configs(self.workdir)
+        if saved != self.model_config:
+            raise ValueError(
+                f"{self.workdir} holds checkpoints of another model config ({saved}); use a new workdir or the same "
+                f"config ({self.model_config})"
+            )
+
+    def _sharded_abstract_state(self):
+        shardings = {"params": self.param_shardings, "opt_state": self.opt_shardings}
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, shardings
+        )
+
+    def save(self):
+        """Checkpoint params, optimiser state and iterator state under the current step."""
+        state = {"params": self.params, "opt_state": self.opt_state}
+        self.manager.save(
+            self.step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(self.iterator.get_state())
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int):
+        """Load the checkpoint of `step` into params, optimiser state and the iterator."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(self._sharded_abstract_state()), data=ocp.args.JsonRestore()),
+        )
+        self.params, self.opt_state = restored.state["params"], restored.state["opt_state"]
+        self.iterator.set_state(restored.data)
+        self.step = step
+        logger.info("resumed from %s at step %d", self.workdir / CHECKPOINT_DIR, step)
+
+    def train_step(self) -> dict:
+        """One optimiser step on the next batch; returns the step number, loss, grad norm and the clip keys used."""
+        batch = next(self.iterator)
+        inputs = jax.device_put(model_inputs(batch), self.batch_sharding)
+        key = step_key(self.config.seed, self.step)
+        self.params, self.opt_state, metrics = self._train_step(self.params, self.opt_state, inputs, key)
+        self.step += 1
+        record = {"step": self.step, **{name: float(value) for name, value in metrics.items()}}
+        record["clips"] = [str(clip) for clip in np.asarray(batch.get("key", []))]
+        return record
+
+    def run(self, num_steps: int | None = None) -> list[dict]:
+        """Train until step `num_steps` (default: the config's), checkpointing every `checkpoint_every` steps and
+        at the end; returns one record per step taken (see `train_step`)."""
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        records = []
+        while self.step < num_steps:
+            record = self.train_step()
+            records.append(record)
+            logger.info("step %d loss %.6f grad_norm %.4f", record["step"], record["loss"], record["grad_norm"])
+            if self.step % self.config.checkpoint_every == 0 or self.step == num_steps:
+                self.save()
+        self.manager.wait_until_finished()
+        return records
+
+    def close(self):
+        self.manager.close()
+
+
+def read_run_configs(workdir) -> tuple[SanaWMConfig, TrainConfig]:
+    """The model and train configs a training workdir was started with."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir}: no {CONFIG_FILE}; not a training workdir")
+    payload = json.loads(path.read_text())
+    return SanaWMConfig.from_dict(payload["model"]), TrainConfig.from_dict(payload["train"])
+
+
+def restore_transformer(workdir, step: int | None = None) -> tuple[SanaWMTransformer, dict]:
+    """(model, params) of a training workdir's checkpoint at `step` (default: the latest), on the default device."""
+    workdir = Path(workdir).absolute()
+    model_config, config = read_run_configs(workdir)
+    target = abstract_train_state(model_config, make_optimizer(config))
+    with ocp.CheckpointManager(workdir / CHECKPOINT_DIR) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir / CHECKPOINT_DIR}: no checkpoint")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return SanaWMTransformer(model_config), restored.state["params"]
