@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from sanawm_jax.dtypes import DtypePolicy
+from sanawm_jax.frozen_config import FrozenConfig
 
 GDN_IMPLS = ("xla", "pallas")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
-class SanaWMConfig(DtypePolicy):
+class SanaWMConfig(FrozenConfig, DtypePolicy):
     """Architecture of the SANA-WM DiT plus the numerics/runtime policy of our implementation.
 
     Architecture fields keep the names of diffusers' `SanaWMTransformer3DModel` config so released `config.json`
@@ -78,22 +79,6 @@ class SanaWMConfig(DtypePolicy):
 
     def has_plucker_proj(self, index: int) -> bool:
         return self.chunk_plucker_post_attn_blocks < 0 or index < self.chunk_plucker_post_attn_blocks
-
-
-
-    def replace(self, **changes) -> "SanaWMConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SanaWMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"SanaWMConfig: unknown fields {unknown}")
-        return cls(**values)
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any]) -> "SanaWMConfig":

@@ -4,7 +4,6 @@ back."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     else:
         vae_config, vae_params = convert_vae(vae)
         log(f"vae: converted {vae}")
-        store.save_params(out_dir / VAE_DIR, vae_params, dataclasses.asdict(vae_config))
+        store.save_params(out_dir / VAE_DIR, vae_params, vae_config.to_dict())
 
     text_encoder = _present(Path(text_encoder)) if text_encoder else _present(root and root / TEXT_ENCODER_DIR)
     if text_encoder is None:
@@ -62,7 +61,7 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
         load_tokenizer(tokenizer)  # fail before writing anything if the tokenizer is unusable
         gemma_config, gemma_params = load_gemma2(text_encoder)
         target = out_dir / TEXT_ENCODER_DIR
-        store.save_params(target, gemma_params, dataclasses.asdict(gemma_config))
+        store.save_params(target, gemma_params, gemma_config.to_dict())
         for pattern in TOKENIZER_FILE_PATTERNS:
             for path in tokenizer.glob(pattern):
                 shutil.copy2(path, target / path.name)
@@ -74,13 +73,13 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
 def load_vae(ckpt_dir, sharding=None, **config_overrides) -> tuple[VAEConfig, dict]:
     """`(VAEConfig, params)` from `ckpt_dir/vae` (or a VAE-only directory); overrides e.g. `dtype="bfloat16"`."""
     model_dir = store.component_dir(ckpt_dir, VAE_DIR)
-    config = VAEConfig(**store.read_config(model_dir)).replace(**config_overrides)
+    config = VAEConfig.from_dict(store.read_config(model_dir)).replace(**config_overrides)
     return config, store.restore_params(model_dir, abstract_vae_params(config), sharding)
 
 
 def load_text_encoder(ckpt_dir, sharding=None, **config_overrides) -> TextEncoder:
     """The Gemma-2 `TextEncoder` (tokenizer included) from `ckpt_dir/text_encoder`."""
     model_dir = store.component_dir(ckpt_dir, TEXT_ENCODER_DIR)
-    config = dataclasses.replace(Gemma2Config(**store.read_config(model_dir)), **config_overrides)
+    config = Gemma2Config.from_dict(store.read_config(model_dir)).replace(**config_overrides)
     params = store.restore_params(model_dir, abstract_gemma2_params(config), sharding)
     return TextEncoder(load_tokenizer(model_dir), config, params)

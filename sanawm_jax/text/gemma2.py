@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sanawm_jax.dtypes import DtypePolicy
+from sanawm_jax.frozen_config import FrozenConfig
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 ACTIVATION = "gelu_pytorch_tanh"
@@ -26,7 +27,7 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma2Config(DtypePolicy):
+class Gemma2Config(FrozenConfig, DtypePolicy):
     """Gemma-2 architecture (Hugging Face field names; defaults are Gemma-2-2B's) plus our numerics policy.
 
     layer_types: one of LAYER_TYPES per layer; empty means Hugging Face's default (even layers sliding, odd global).

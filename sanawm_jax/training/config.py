@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+
+from sanawm_jax.frozen_config import FrozenConfig
 
 
 # Fields that shape the run (data, length, checkpoints, seed, devices) but not the computation of one train step.
@@ -14,7 +15,7 @@ RUN_FIELDS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(FrozenConfig):
     """Optimiser, objective, data and run settings; the model (and its dtype policy) is a `SanaWMConfig`.
 
     learning_rate, betas, eps, weight_decay: AdamW at a constant learning rate (no warmup).
@@ -77,17 +78,3 @@ class TrainConfig:
         differing only in data, length, seed or mesh share one compiled step."""
         defaults = TrainConfig()
         return self.replace(**{name: getattr(defaults, name) for name in RUN_FIELDS})
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown fields {unknown}")
-        return cls(**values)

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from sanawm_jax.dtypes import DtypePolicy
+from sanawm_jax.frozen_config import FrozenConfig
 
 # (t, h, w) stride of each encoder downsampling type and decoder upsampling type.
 SCALING_STRIDES = {"spatial": (1, 2, 2), "temporal": (2, 1, 1), "spatiotemporal": (2, 2, 2)}
@@ -15,7 +16,7 @@ DOWN_BLOCK_TYPE = "LTX2VideoDownBlock3D"
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig(DtypePolicy):
+class VAEConfig(FrozenConfig, DtypePolicy):
     """Architecture of the LTX-2 video VAE plus the numerics policy of our implementation.
 
     Architecture fields keep the names of diffusers' `AutoencoderKLLTX2Video` config; the defaults are the released
@@ -99,14 +100,10 @@ class VAEConfig(DtypePolicy):
     def spatial_compression_ratio(self) -> int:
         return self.encoder_compression[1]
 
-
-
     def num_pixel_frames(self, num_latent_frames: int) -> int:
         """Latent frames 1 + k -> pixel frames 1 + k * t_ratio (the first frame is encoded on its own)."""
         return 1 + (num_latent_frames - 1) * self.temporal_compression_ratio
 
-    def replace(self, **changes) -> "VAEConfig":
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any]) -> "VAEConfig":
