@@ -11,8 +11,8 @@ Hugging Face Gemma-2 folder (tokenizer files in it or in --tokenizer). OUT_DIR g
 
 import argparse
 
-from sanawm_jax.checkpoint.pipeline import convert_pipeline
-from sanawm_jax.config import get_config
+from sanawm_jax.models.sana_wm.config import get_config
+from sanawm_jax.pipeline import convert_pipeline
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@ import numpy as np
 from sanawm_jax import camera, demo
 from sanawm_jax.diffusion.scheduler import SamplerConfig
 from sanawm_jax.generate import WorldModel, camera_path, load_image, write_outputs
-from sanawm_jax.text.encoder import load_embeddings_npz
+from sanawm_jax.models.gemma.encoder import load_embeddings_npz
 
 DEMO_DEFAULTS = {"action": "w-8,jw-8", "num_frames": 17, "steps": 4, "prompt": "A quiet room with colourful objects"}
 

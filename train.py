@@ -16,10 +16,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from sanawm_jax import vae
-from sanawm_jax.config import get_config
-from sanawm_jax.data import ClipDirectorySource, DataConfig, TextEmbeddingStore, make_dataset
+from sanawm_jax.data import (
+    ClipDirectorySource,
+    DataConfig,
+    TextEmbeddingStore,
+    make_dataset,
+)
 from sanawm_jax.demo import DEMO_DATA, build_demo_dataset
+from sanawm_jax.models import ltx2_vae as vae
+from sanawm_jax.models.sana_wm.config import get_config
 from sanawm_jax.training import TrainConfig, Trainer
 
 CONFIG_ALIASES = {"tiny": "sana_wm_tiny", "2.6b": "sana_wm_2.6b"}

@@ -14,14 +14,12 @@ import time
 import jax
 import numpy as np
 import torch
-
-from sanawm_jax.checkpoint.convert import convert_state_dict
-from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.config import SanaWMConfig
-from sanawm_jax.transformer import SanaWMTransformer
 from timing import median_seconds
 
-
+from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
+from sanawm_jax.models.sana_wm.checkpoint import convert_state_dict
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
 
 def random_inputs(rng, args, config):

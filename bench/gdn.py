@@ -24,11 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from diffusers.models.transformers.transformer_sana_wm import flip_and_shift, torch_chunk_sana_gdn
+from diffusers.models.transformers.transformer_sana_wm import (
+    flip_and_shift,
+    torch_chunk_sana_gdn,
+)
+from timing import median_seconds
 
 from pallas_kernels.frame_gdn import frame_gdn_costs
 from sanawm_jax.ops.gdn import frame_gdn
-from timing import median_seconds
 
 EPS = 1e-8
 ORACLE_CHUNK = 21  # SanaWMBidirectionalGDNAttention's default temporal chunk

@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaWMTransformer3DModel
+from timing import median_seconds
 
 from sanawm_jax.camera import action_string_to_c2w, prepare_camera
-from sanawm_jax.checkpoint.convert import convert_state_dict
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.config import SanaWMConfig
 from sanawm_jax.diffusion.sampler import denoise_step, guidance_conditioning
 from sanawm_jax.diffusion.scheduler import flow_sigmas, flow_timesteps
-from sanawm_jax.transformer import SanaWMTransformer
-from timing import median_seconds
+from sanawm_jax.models.sana_wm.checkpoint import convert_state_dict
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
 # diffusers model arguments and the latent video (frames, height, width) of each benchmark case.
 CASES = {

@@ -28,7 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanawm_jax.vae import VAE_PRESETS, VideoAutoencoder, abstract_vae_params, decode_tiled
+from sanawm_jax.models.ltx2_vae import (
+    VAE_PRESETS,
+    VideoAutoencoder,
+    abstract_vae_params,
+    decode_tiled,
+)
 
 GiB = 2**30
 TILE, OVERLAP = 13, 5  # upstream's 96-frame tiles with a 64-frame stride

@@ -12,17 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanawm_jax import vae
-from sanawm_jax.config import PRESETS
 from sanawm_jax.data.cache import cache_latents, cache_text, source_captions
 from sanawm_jax.data.format import TextEmbeddingStore
 from sanawm_jax.data.sources import ClipDirectorySource
 from sanawm_jax.data.synthetic import write_synthetic_dataset
 from sanawm_jax.generate import WorldModel
-from sanawm_jax.text.encoder import TextEncoder
-from sanawm_jax.text.gemma2 import Gemma2Config, Gemma2Model
-from sanawm_jax.transformer import SanaWMTransformer, init_params
-from sanawm_jax.vae import VAE_PRESETS, init_vae_params
+from sanawm_jax.models import ltx2_vae as vae
+from sanawm_jax.models.gemma.encoder import TextEncoder
+from sanawm_jax.models.gemma.gemma2 import Gemma2Config, Gemma2Model
+from sanawm_jax.models.ltx2_vae import VAE_PRESETS, init_vae_params
+from sanawm_jax.models.sana_wm.config import PRESETS
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, init_params
 
 TARGET_SIZE = (128, 224)
 EXAMPLE_IMAGE = "example.png"

@@ -1,4 +1,5 @@
-"""Shared behaviour of the project's frozen config dataclasses: copy with changes, and a strict dict round trip."""
+"""Shared behaviour of the project's frozen config dataclasses: validation, copy with changes, and a strict dict
+round trip."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any
 
 
 class FrozenConfig:
-    """Mixin for frozen dataclasses: `replace`, `to_dict`, and `from_dict`, which rejects unknown fields."""
+    """Mixin for frozen dataclasses: `check`, `replace`, `to_dict`, and `from_dict`, which rejects unknown fields."""
+
+    def check(self, checks: list[tuple[bool, str]]) -> None:
+        """Raise one ValueError naming the config class and the first failed `(ok, message)` check."""
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}: {message}")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sanawm_jax import camera, vae
-from sanawm_jax.checkpoint import pipeline, store
+from sanawm_jax import camera, pipeline
+from sanawm_jax.checkpoint import store
 from sanawm_jax.data.video import DEFAULT_FPS, write_video
 from sanawm_jax.diffusion.sampler import initial_noise, sample
 from sanawm_jax.diffusion.scheduler import SamplerConfig
-from sanawm_jax.text.encoder import PromptEmbeddings, TextEncoder
-from sanawm_jax.transformer import SanaWMTransformer
+from sanawm_jax.models import ltx2_vae as vae
+from sanawm_jax.models.gemma.encoder import PromptEmbeddings, TextEncoder
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
 
 def load_image(path, target_size: tuple[int, int] = camera.TARGET_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
@@ -92,14 +93,14 @@ class WorldModel:
                         with_text_encoder: bool = True) -> "WorldModel":
         """Load a directory written by convert_torch_weights.py; `dtype` is the compute (and parameter) dtype."""
         ckpt_dir = Path(ckpt_dir)
-        required = [store.TRANSFORMER_DIR, pipeline.VAE_DIR] + ([pipeline.TEXT_ENCODER_DIR] if with_text_encoder else [])
+        required = [pipeline.TRANSFORMER_DIR, pipeline.VAE_DIR] + ([pipeline.TEXT_ENCODER_DIR] if with_text_encoder else [])
         missing = [part for part in required if not (ckpt_dir / part / store.CONFIG_FILE).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"checkpoint {ckpt_dir} lacks {', '.join(missing)}/ (convert them with convert_torch_weights.py"
                 f"{'' if pipeline.TEXT_ENCODER_DIR not in missing else '; or pass precomputed --embeddings'})"
             )
-        model, params = store.load_transformer(ckpt_dir, dtype=dtype, param_dtype=dtype)
+        model, params = pipeline.load_transformer(ckpt_dir, dtype=dtype, param_dtype=dtype)
         vae_config, vae_params = pipeline.load_vae(ckpt_dir, dtype=dtype)
         text_encoder = pipeline.load_text_encoder(ckpt_dir, dtype=dtype) if with_text_encoder else None
         return cls(model, params, vae_config, vae_params, text_encoder, tuple(target_size))

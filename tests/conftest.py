@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sanawm_jax.config import PRESETS
-from sanawm_jax.vae import VAE_PRESETS
+from sanawm_jax.models.ltx2_vae import VAE_PRESETS
+from sanawm_jax.models.sana_wm.config import PRESETS
 
 # Our tiny preset, spelled as diffusers `SanaWMTransformer3DModel` arguments.
 TINY_DIFFUSERS_CONFIG = {

@@ -14,9 +14,14 @@ from safetensors.torch import save_file
 
 import convert_torch_weights
 from sanawm_jax import load_transformer
-from sanawm_jax.checkpoint.convert import ConversionError, convert_state_dict, flax_path, torch_key
+from sanawm_jax.checkpoint.keymap import ConversionError
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.checkpoint import (
+    convert_state_dict,
+    flax_path,
+    torch_key,
+)
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_our_vae_and_the_diffusers_vae_cache_the_same_latents(tiny_vae_folder):
 
 
 class RecordingTextEncoder:
-    """Stands in for `sanawm_jax.text.TextEncoder`: records calls, returns (B, 3, 4) embeddings and (B, 3) masks."""
+    """Stands in for `sanawm_jax.models.gemma.TextEncoder`: records calls, returns (B, 3, 4) embeddings and (B, 3) masks."""
 
     calls: list = []
 
@@ -173,10 +173,10 @@ class RecordingTextEncoder:
 
 
 def test_text_cli_uses_our_prompt_encoder_with_the_negative_prompt_as_null(tmp_path, monkeypatch):
-    from sanawm_jax import text
+    from sanawm_jax.models import gemma
 
     synthetic.write_synthetic_dataset(tmp_path / "clips", 1, 9, 32, 32, seed=4)
-    monkeypatch.setattr(text, "TextEncoder", RecordingTextEncoder)
+    monkeypatch.setattr(gemma, "TextEncoder", RecordingTextEncoder)
     monkeypatch.setattr(RecordingTextEncoder, "calls", [])
     cache.main(["text", "--data", str(tmp_path / "clips"), "--out", str(tmp_path / "text"), "--text-encoder", "gemma"])
     caption = clip_format.read_index(tmp_path / "clips")[0].caption

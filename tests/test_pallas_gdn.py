@@ -15,9 +15,13 @@ import pytest
 from jax import export
 
 from pallas_kernels.frame_gdn import frame_gdn_pallas
-from sanawm_jax.config import PRESETS
+from sanawm_jax.models.sana_wm.config import PRESETS
+from sanawm_jax.models.sana_wm.transformer import (
+    SanaWMTransformer,
+    abstract_params,
+    init_params,
+)
 from sanawm_jax.ops.gdn import frame_gdn
-from sanawm_jax.transformer import SanaWMTransformer, abstract_params, init_params
 
 pytestmark = [
     # JAX deprecates Pallas' Triton backend and `pallas_call` for Mosaic GPU; the kernels target Triton on purpose.

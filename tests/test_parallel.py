@@ -20,9 +20,9 @@ SHARDED_RUN = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from sanawm_jax import load_transformer, save_transformer
-    from sanawm_jax.config import PRESETS
+    from sanawm_jax.models.sana_wm.config import PRESETS
     from sanawm_jax.parallel import batch_sharding, fsdp_shardings, make_mesh
-    from sanawm_jax.transformer import SanaWMTransformer, abstract_params, example_inputs, init_params
+    from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params, example_inputs, init_params
 
     assert jax.device_count() == 4
     config = PRESETS["sana_wm_tiny"].replace(hidden_size=128, linear_head_dim=32, num_attention_heads=4)

@@ -14,10 +14,10 @@ import torch
 import convert_torch_weights
 import sample
 from sanawm_jax import demo
-from sanawm_jax.checkpoint.pipeline import load_text_encoder, load_vae
 from sanawm_jax.data.video import read_video_window
-from sanawm_jax.text.encoder import TextEncoder
-from sanawm_jax.vae import convert_vae
+from sanawm_jax.models.gemma.encoder import TextEncoder
+from sanawm_jax.models.ltx2_vae import convert_vae
+from sanawm_jax.pipeline import load_text_encoder, load_vae
 from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
 
 
@@ -121,7 +121,7 @@ def test_missing_checkpoint_part_is_named(converted_pipeline, tmp_path):
 
 
 def test_sample_with_precomputed_embeddings_needs_no_text_encoder(converted_pipeline, tmp_path):
-    from sanawm_jax.text.encoder import PromptEmbeddings, save_embeddings_npz
+    from sanawm_jax.models.gemma.encoder import PromptEmbeddings, save_embeddings_npz
 
     partial = tmp_path / "no_text"
     shutil.copytree(converted_pipeline, partial)

@@ -19,16 +19,20 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, SanaWMPipeline
+from diffusers import (
+    AutoencoderKLLTX2Video,
+    FlowMatchEulerDiscreteScheduler,
+    SanaWMPipeline,
+)
 from diffusers.pipelines.sana_wm.cam_utils import prepare_camera
 
-from sanawm_jax.checkpoint.convert import convert_state_dict
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.config import SanaWMConfig
 from sanawm_jax.diffusion import SamplerConfig, initial_noise, sample
 from sanawm_jax.diffusion.sampler import denoise_step, guidance_conditioning
 from sanawm_jax.diffusion.scheduler import flow_sigmas
-from sanawm_jax.transformer import SanaWMTransformer
+from sanawm_jax.models.sana_wm.checkpoint import convert_state_dict
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG
 
 HEIGHT, WIDTH, NUM_FRAMES = 64, 96, 17  # -> 3 latent frames of 2x3 tokens

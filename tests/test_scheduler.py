@@ -13,7 +13,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from sanawm_jax.diffusion.scheduler import SamplerConfig, euler_step, flow_sigmas, flow_timesteps, next_sigmas
+from sanawm_jax.diffusion.scheduler import (
+    SamplerConfig,
+    euler_step,
+    flow_sigmas,
+    flow_timesteps,
+    next_sigmas,
+)
 
 GRID_CASES = [(n, s) for n in (1, 4, 60) for s in (1.0, 8.0, 9.8)]
 

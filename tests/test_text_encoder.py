@@ -20,11 +20,12 @@ import torch
 from diffusers.pipelines.sana_wm import pipeline_sana_wm
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import Gemma2Config as HFGemma2Config
-from transformers import Gemma2ForCausalLM, Gemma2Model as HFGemma2Model, PreTrainedTokenizerFast
+from transformers import Gemma2ForCausalLM, PreTrainedTokenizerFast
+from transformers import Gemma2Model as HFGemma2Model
 
-from sanawm_jax.checkpoint.convert import ConversionError, flatten
+from sanawm_jax.checkpoint.keymap import ConversionError, flatten
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.text import (
+from sanawm_jax.models.gemma import (
     DEFAULT_CHI_PROMPT,
     Gemma2Config,
     Gemma2Model,
@@ -34,8 +35,8 @@ from sanawm_jax.text import (
     load_gemma2,
     save_embeddings_npz,
 )
-from sanawm_jax.text.convert import convert_gemma2_params
-from sanawm_jax.text.encoder import load_tokenizer
+from sanawm_jax.models.gemma.checkpoint import convert_gemma2_params
+from sanawm_jax.models.gemma.encoder import load_tokenizer
 
 PROMPTS = ("a red car drives along a quiet coastal road at sunset", "a busy city street")
 NEGATIVE = "blurry, deformed, static"

@@ -11,11 +11,16 @@ import numpy as np
 import pytest
 
 import train
-from sanawm_jax.config import PRESETS
-from sanawm_jax.data import ClipDirectorySource, DataConfig, TextEmbeddingStore, make_dataset
+from sanawm_jax.data import (
+    ClipDirectorySource,
+    DataConfig,
+    TextEmbeddingStore,
+    make_dataset,
+)
 from sanawm_jax.demo import build_demo_dataset
+from sanawm_jax.models.sana_wm.config import PRESETS
+from sanawm_jax.models.sana_wm.transformer import abstract_params
 from sanawm_jax.training import TrainConfig, Trainer, objective, restore_transformer
-from sanawm_jax.transformer import abstract_params
 
 NUM_FRAMES, HEIGHT, WIDTH = 17, 64, 96
 MODEL_CONFIG = PRESETS["sana_wm_tiny"]

@@ -9,8 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sanawm_jax.config import PRESETS, SanaWMConfig, get_config
-from sanawm_jax.transformer import SanaWMTransformer, abstract_params, example_inputs, init_params
+from sanawm_jax.models.sana_wm.config import PRESETS, SanaWMConfig, get_config
+from sanawm_jax.models.sana_wm.transformer import (
+    SanaWMTransformer,
+    abstract_params,
+    example_inputs,
+    init_params,
+)
 
 RELEASED_PARAMETER_COUNT = 2_661_800_448
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from sanawm_jax.checkpoint.convert import convert_state_dict
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.config import SanaWMConfig
-from sanawm_jax.transformer import SanaWMTransformer
+from sanawm_jax.models.sana_wm.checkpoint import convert_state_dict
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
 
 def random_rotation(rng):

@@ -17,10 +17,22 @@ import torch
 from diffusers import AutoencoderKLLTX2Video
 from diffusers.video_processor import VideoProcessor
 
-from sanawm_jax.checkpoint.convert import ConversionError
+from sanawm_jax.checkpoint.keymap import ConversionError
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.vae import VAE_PRESETS, VAEConfig, convert_vae, decode, decode_tiled, encode, video_to_uint8
-from sanawm_jax.vae.convert import convert_vae_state_dict, flax_path, torch_key
+from sanawm_jax.models.ltx2_vae import (
+    VAE_PRESETS,
+    VAEConfig,
+    convert_vae,
+    decode,
+    decode_tiled,
+    encode,
+    video_to_uint8,
+)
+from sanawm_jax.models.ltx2_vae.checkpoint import (
+    convert_vae_state_dict,
+    flax_path,
+    torch_key,
+)
 from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
 
 # The `ltx2_video_tiny` preset in diffusers' spelling. The compression ratios must be explicit: diffusers' default
@@ -91,7 +103,7 @@ def test_tiny_preset_is_the_oracle_config(converted):
 
 
 def test_released_preset_has_the_released_tensor_count():
-    from sanawm_jax.vae import abstract_vae_params
+    from sanawm_jax.models.ltx2_vae import abstract_vae_params
 
     # 184 tensors in the released vae/ folder, latents_mean and latents_std included.
     assert len(jax.tree.leaves(abstract_vae_params(VAE_PRESETS["ltx2_video"]))) == 184

@@ -13,12 +13,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from sanawm_jax.config import SanaWMConfig
-from sanawm_jax.transformer import SanaWMTransformer, abstract_params
-
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-TRANSFORMER_DIR = "transformer"
 
 
 def save_params(out_dir, params, config: dict) -> Path:
@@ -61,19 +57,3 @@ def component_dir(ckpt_dir, component: str) -> Path:
     """`ckpt_dir/component` when it exists, else `ckpt_dir` itself (a directory holding only that component)."""
     nested = Path(ckpt_dir) / component
     return nested if (nested / CONFIG_FILE).is_file() else Path(ckpt_dir)
-
-
-def save_transformer(out_dir, params, config: SanaWMConfig) -> Path:
-    return save_params(out_dir, params, config.to_dict())
-
-
-def load_transformer(ckpt_dir, sharding=None, **config_overrides) -> tuple[SanaWMTransformer, dict]:
-    """Restore `(model, params)` from a checkpoint written by `convert_torch_weights.py` (its `transformer/`, or a
-    transformer-only directory).
-
-    config_overrides replace config fields (e.g. `param_dtype="bfloat16"` casts on restore, `dtype`, `gdn_impl`,
-    `remat`); `sharding` as in `restore_params`.
-    """
-    model_dir = component_dir(ckpt_dir, TRANSFORMER_DIR)
-    config = SanaWMConfig.from_dict(read_config(model_dir)).replace(**config_overrides)
-    return SanaWMTransformer(config), restore_params(model_dir, abstract_params(config), sharding)

@@ -10,8 +10,8 @@ Encoders are plain callables, so any implementation plugs in:
   encode_fn(video (F, H, W, 3) float32 in [-1, 1], F = 8k+1) -> latents (T, H/32, W/32, C), T = k+1
   encode_text_fn(captions: list[str]) -> (embeddings (B, L, D), masks (B, L))
 `--encoder MODULE:FACTORY` imports FACTORY and calls it with `--encoder-kwargs` (JSON) to get the callable.
-`--vae` uses our LTX-2 VAE (`sanawm_jax.vae`), `--diffusers-vae` the diffusers PyTorch VAE, `--text-encoder` our
-Gemma-2 prompt encoder (`sanawm_jax.text`, chi prefix for captions, the null embedding is the encoded empty
+`--vae` uses our LTX-2 VAE (`sanawm_jax.models.ltx2_vae`), `--diffusers-vae` the diffusers PyTorch VAE, `--text-encoder` our
+Gemma-2 prompt encoder (`sanawm_jax.models.gemma`, chi prefix for captions, the null embedding is the encoded empty
 negative prompt).
 """
 
@@ -159,7 +159,7 @@ def load_factory(spec: str, kwargs: dict | None = None):
 
 def sanawm_vae_encoder(checkpoint: str) -> EncodeFn:
     """encode_fn of our LTX-2 VAE converted from a diffusers `vae/` folder (or a pipeline root holding one)."""
-    from sanawm_jax import vae
+    from sanawm_jax.models import ltx2_vae as vae
 
     config, params = vae.convert_vae(checkpoint)
     return lambda video: np.asarray(vae.encode(params, video[None], config)[0])
@@ -192,9 +192,9 @@ def diffusers_vae_encoder(checkpoint, subfolder: str | None = "vae") -> EncodeFn
 def sanawm_text_encoder(checkpoint: str) -> tuple[EncodeTextFn, Callable[[], tuple[np.ndarray, np.ndarray]]]:
     """(encode_text_fn, null_text_fn) of our Gemma-2 prompt encoder: captions with the chi prefix, the null
     embedding as the empty negative prompt."""
-    from sanawm_jax import text
+    from sanawm_jax.models import gemma
 
-    encoder = text.TextEncoder.from_pretrained(checkpoint)
+    encoder = gemma.TextEncoder.from_pretrained(checkpoint)
 
     def encode(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         embeddings, masks = encoder.encode(captions)
@@ -216,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     latents.add_argument("--height", type=int, required=True)
     latents.add_argument("--width", type=int, required=True)
     encoders = latents.add_mutually_exclusive_group(required=True)
-    encoders.add_argument("--vae", help="diffusers VAE folder, encoded with sanawm_jax.vae")
+    encoders.add_argument("--vae", help="diffusers VAE folder, encoded with sanawm_jax.models.ltx2_vae")
     encoders.add_argument("--diffusers-vae", help="diffusers VAE folder, encoded with the PyTorch diffusers VAE")
     encoders.add_argument("--encoder", help="MODULE:FACTORY returning encode_fn")
     latents.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the factory")
@@ -229,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     datasets.add_argument("--upstream", nargs=2, metavar=("RAW_DIR", "LATENT_DIR"), help="upstream zip layout")
     text_parser.add_argument("--out", required=True, help="text-embedding directory")
     text_encoders = text_parser.add_mutually_exclusive_group(required=True)
-    text_encoders.add_argument("--text-encoder", help="Gemma-2 folder, encoded with sanawm_jax.text")
+    text_encoders.add_argument("--text-encoder", help="Gemma-2 folder, encoded with sanawm_jax.models.gemma")
     text_encoders.add_argument("--encoder", help="MODULE:FACTORY returning encode_text_fn")
     text_parser.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the factory")
     text_parser.add_argument("--batch-size", type=int, default=8)

@@ -26,6 +26,7 @@ from sanawm_jax import camera
 from sanawm_jax.data import transforms
 from sanawm_jax.data.format import TextEmbeddingStore
 from sanawm_jax.data.sources import BadClipError
+from sanawm_jax.frozen_config import FrozenConfig
 
 BAD_CLIP_POLICIES = ("reject", "raise")
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(FrozenConfig):
     """What the loader produces.
 
     num_frames: pixel frames per example, 8k+1 (the latent frames are (num_frames - 1) // 8 + 1).
@@ -75,9 +76,7 @@ class DataConfig:
             (self.on_bad_clip in BAD_CLIP_POLICIES, f"on_bad_clip must be one of {BAD_CLIP_POLICIES}"),
             (self.num_epochs is None or self.num_epochs >= 1, "num_epochs must be positive or None"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"DataConfig: {message} (got {self})")
+        self.check(checks)
 
 
 class RejectedClips:

@@ -23,8 +23,13 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from sanawm_jax.diffusion.scheduler import SamplerConfig, euler_step, flow_sigmas, flow_timesteps
-from sanawm_jax.transformer import SanaWMTransformer
+from sanawm_jax.diffusion.scheduler import (
+    SamplerConfig,
+    euler_step,
+    flow_sigmas,
+    flow_timesteps,
+)
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
 
 class Conditioning(NamedTuple):

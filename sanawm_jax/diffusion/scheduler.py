@@ -12,6 +12,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from sanawm_jax.frozen_config import FrozenConfig
+
 NUM_TRAIN_TIMESTEPS = 1000
 # Grid sigmas must lie this far below a token's sigma to count as "next"; it keeps float32 round-off in t/1000
 # from selecting the token's own sigma again.
@@ -19,7 +21,7 @@ NEXT_SIGMA_MARGIN = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(FrozenConfig):
     """Stage-1 sampling settings.
 
     num_steps: Euler steps over the shifted grid (60 in the release).
@@ -32,21 +34,26 @@ class SamplerConfig:
     shift: float = 9.8
 
     def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"SamplerConfig: num_steps must be >= 1, got {self.num_steps}")
-        if not self.shift > 0:
-            raise ValueError(f"SamplerConfig: shift must be > 0, got {self.shift}")
-        if not self.guidance_scale >= 0:
-            raise ValueError(f"SamplerConfig: guidance_scale must be >= 0, got {self.guidance_scale}")
+        self.check([
+            (self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}"),
+            (self.shift > 0, f"shift must be > 0, got {self.shift}"),
+            (self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}"),
+        ])
 
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 1.0
 
 
+def shift_sigmas(sigmas, shift):
+    """σ' = s·σ / (1 + (s − 1)·σ), elementwise in the dtype of `sigmas` (numpy or jax); maps [0, 1] onto [0, 1]."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 def _shift_float32(sigma: np.float32, shift: float) -> np.float32:
-    """s·σ / (1 + (s − 1)·σ) evaluated in float32, as torch does for a float32 tensor and Python scalars."""
-    return np.float32(shift) * sigma / (np.float32(1.0) + np.float32(shift - 1.0) * sigma)
+    """`shift_sigmas` in float32 with the Python float `shift` as a weak scalar (NumPy >= 2), as torch evaluates it
+    for a float32 tensor: s and s − 1 are each rounded to float32."""
+    return shift_sigmas(np.float32(sigma), float(shift))
 
 
 def flow_sigmas(num_steps: int, shift: float) -> np.ndarray:
@@ -62,7 +69,7 @@ def flow_sigmas(num_steps: int, shift: float) -> np.ndarray:
     sigma_min = float(_shift_float32(np.float32(1.0) / np.float32(NUM_TRAIN_TIMESTEPS), shift))
     linear = np.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, num_steps)
     linear = linear / NUM_TRAIN_TIMESTEPS
-    shifted = shift * linear / (1 + (shift - 1) * linear)
+    shifted = shift_sigmas(linear, shift)
     return np.append(shifted.astype(np.float32), np.float32(0.0))
 
 

@@ -6,7 +6,6 @@ import dataclasses
 
 from sanawm_jax.frozen_config import FrozenConfig
 
-
 # Fields that shape the run (data, length, checkpoints, seed, devices) but not the computation of one train step.
 RUN_FIELDS = (
     "text_dropout", "num_frames", "target_size", "batch_size", "num_steps", "checkpoint_every", "max_checkpoints",
@@ -69,9 +68,7 @@ class TrainConfig(FrozenConfig):
             (self.max_checkpoints >= 1, "max_checkpoints must be positive"),
             (self.mesh_fsdp >= 1 and (self.mesh_data == -1 or self.mesh_data >= 1), "mesh sizes must be positive"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message} (got {self})")
+        self.check(checks)
 
     def step_settings(self) -> "TrainConfig":
         """This config with every field that the train step does not read set to its default, so that runs

@@ -21,11 +21,15 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sanawm_jax.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.transformer import (
+    SanaWMTransformer,
+    abstract_params,
+    init_params,
+)
 from sanawm_jax.parallel import batch_sharding, fsdp_shardings, make_mesh
 from sanawm_jax.training import objective
 from sanawm_jax.training.config import TrainConfig
-from sanawm_jax.transformer import SanaWMTransformer, abstract_params, init_params
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "train_config.json"

@@ -18,12 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sanawm_jax.diffusion.scheduler import NUM_TRAIN_TIMESTEPS
-
-
-def shift_sigmas(sigmas: jax.Array, shift: float) -> jax.Array:
-    """σ' = s·σ / (1 + (s − 1)·σ), elementwise; maps [0, 1] onto [0, 1]."""
-    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+from sanawm_jax.diffusion.scheduler import NUM_TRAIN_TIMESTEPS, shift_sigmas
 
 
 def sample_sigmas(key: jax.Array, shape: tuple[int, ...], shift: float, mean: float = 0.0, std: float = 1.0) -> jax.Array:

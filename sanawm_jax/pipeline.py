@@ -8,13 +8,17 @@ import shutil
 from pathlib import Path
 
 from sanawm_jax.checkpoint import store
-from sanawm_jax.checkpoint.convert import convert_state_dict
 from sanawm_jax.checkpoint.torch_sources import open_torch_checkpoint
-from sanawm_jax.config import SanaWMConfig
-from sanawm_jax.text.convert import abstract_gemma2_params, load_gemma2
-from sanawm_jax.text.encoder import TextEncoder, load_tokenizer
-from sanawm_jax.text.gemma2 import Gemma2Config
-from sanawm_jax.vae import VAEConfig, abstract_vae_params, convert_vae
+from sanawm_jax.models.gemma.checkpoint import abstract_gemma2_params, load_gemma2
+from sanawm_jax.models.gemma.encoder import TextEncoder, load_tokenizer
+from sanawm_jax.models.gemma.gemma2 import Gemma2Config
+from sanawm_jax.models.ltx2_vae import VAEConfig, abstract_vae_params, convert_vae
+from sanawm_jax.models.sana_wm.checkpoint import (
+    TRANSFORMER_DIR,
+    convert_state_dict,
+    save_transformer,
+)
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
 
 VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -42,7 +46,7 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
             raise ValueError(f"{source.description} carries no config.json: pass a config (e.g. --config sana_wm_2.6b)")
         config = SanaWMConfig.from_diffusers_config(source.config)
     log(f"transformer: converting {source.description} ({len(source.keys())} tensors)")
-    store.save_transformer(out_dir / store.TRANSFORMER_DIR, convert_state_dict(source, config, log=log), config)
+    save_transformer(out_dir / TRANSFORMER_DIR, convert_state_dict(source, config, log=log), config)
 
     root = src if src.is_dir() else None
     vae = _present(Path(vae)) if vae else _present(root and root / VAE_DIR)

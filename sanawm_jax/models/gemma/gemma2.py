@@ -6,7 +6,7 @@ attention (RoPE, logits scaled by query_pre_attn_scalar^-1/2 and soft-capped by 
 Norm statistics and softmax run in float32, matmuls in the configured compute dtype.
 
 Parameter names follow the Hugging Face module names (`layers_N/self_attn/q_proj/kernel`, `.../input_layernorm/scale`)
-so checkpoints convert by a fixed rule (see `sanawm_jax.text.convert`).
+so checkpoints convert by a fixed rule (see `sanawm_jax.models.gemma.checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from sanawm_jax.dtypes import DtypePolicy
 from sanawm_jax.frozen_config import FrozenConfig
+from sanawm_jax.ops.norm import rms_normalize
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 ACTIVATION = "gelu_pytorch_tanh"
@@ -64,9 +65,7 @@ class Gemma2Config(FrozenConfig, DtypePolicy):
             (self.head_dim % 2 == 0, "head_dim must be even (rotary pairs)"),
             (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None"),
         ]
-        for ok, message in checks + self.dtype_checks():
-            if not ok:
-                raise ValueError(f"Gemma2Config: {message} (got {self})")
+        self.check(checks + self.dtype_checks())
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str = "float32"):
@@ -109,9 +108,7 @@ class Gemma2RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 def rotary_tables(positions, head_dim: int, theta: float):

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanawm_jax.vae.config import VAEConfig
-from sanawm_jax.vae.model import VideoAutoencoder
+from sanawm_jax.models.ltx2_vae.config import VAEConfig
+from sanawm_jax.models.ltx2_vae.model import VideoAutoencoder
 
 
 def check_video(shape: tuple[int, ...], config: VAEConfig) -> None:

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanawm_jax.text.convert import load_gemma2
-from sanawm_jax.text.gemma2 import Gemma2Model
+from sanawm_jax.models.gemma.checkpoint import load_gemma2
+from sanawm_jax.models.gemma.gemma2 import Gemma2Model
 
 MAX_SEQUENCE_LENGTH = 300
 CAPTION_CHANNELS = 2304

@@ -1,61 +1,14 @@
-"""PyTorch SANA-WM state dict -> our Flax parameter tree, by a fixed naming rule and layout rule.
+"""The conversion core every model's checkpoint map uses: PyTorch layouts -> Flax layouts, flat <-> nested
+parameter trees, and one strict mismatch report.
 
-Naming: the Flax tree mirrors the diffusers module path, with `blocks.N` -> `blocks_N`, three wrapper modules folded
-away (`t_block.1`, `y_embedder.y_proj`, the `.conv` inside FFN conv layers), and `weight` -> `kernel` (Linear, Conv)
-or `scale` (1-D norm weights).
 Layout: Linear (out, in) -> (in, out); ConvNd (out, in, *k) -> (*k, in, out).
 Conversion is strict: every source tensor is used or known-unused, every parameter is filled, every shape matches.
 """
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
-
-from sanawm_jax.config import SanaWMConfig
-from sanawm_jax.transformer import abstract_params
-
-# (torch pattern, flax replacement), applied in order to the dotted key.
-RENAMES = (
-    (r"^t_block\.1\.", "t_block."),
-    (r"^y_embedder\.y_proj\.", "y_embedder."),
-    (r"\.(inverted_conv|depth_conv|point_conv)\.conv\.", r".\1."),
-    (r"^blocks\.(\d+)\.", r"blocks_\1."),
-)
-INVERSE_RENAMES = (
-    (r"^t_block\.", "t_block.1."),
-    (r"^y_embedder\.", "y_embedder.y_proj."),
-    (r"\.(inverted_conv|depth_conv|point_conv)\.", r".\1.conv."),
-    (r"^blocks_(\d+)\.", r"blocks.\1."),
-)
-# Present in released checkpoints, unused by the model: the NVlabs absolute position table and a GDN buffer.
-KNOWN_UNUSED = (r"^pos_embed$", r"\.recall_gate$")
-
-
-def is_known_unused(torch_key: str) -> bool:
-    return any(re.search(pattern, torch_key) for pattern in KNOWN_UNUSED)
-
-
-def flax_path(torch_key: str, ndim: int) -> tuple[str, ...]:
-    """`blocks.3.attn.qkv.weight` (2-D) -> ("blocks_3", "attn", "qkv", "kernel")."""
-    name = torch_key
-    for pattern, replacement in RENAMES:
-        name = re.sub(pattern, replacement, name)
-    *parents, leaf = name.split(".")
-    if leaf == "weight":
-        leaf = "kernel" if ndim >= 2 else "scale"
-    return (*parents, leaf)
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-    """Inverse of `flax_path`: the source key a parameter is read from."""
-    *parents, leaf = path
-    name = ".".join([*parents, "weight" if leaf in ("kernel", "scale") else leaf])
-    for pattern, replacement in INVERSE_RENAMES:
-        name = re.sub(pattern, replacement, name)
-    return name
 
 
 def to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
@@ -132,10 +85,3 @@ def convert_tensors(source, expected: dict, to_path, to_key, target: str, is_unu
     if unused:
         log(f"ignored {len(unused)} known-unused tensor(s): {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
     return unflatten(params)
-
-
-def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
-    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) into a params tree of numpy arrays in
-    `config.param_dtype`, reading one tensor at a time."""
-    expected = flatten(abstract_params(config))
-    return convert_tensors(source, expected, flax_path, torch_key, "the model config", is_known_unused, log)

@@ -18,8 +18,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sanawm_jax import ucpe
-from sanawm_jax.layers import RMSNorm, TemporalShortConv, apply_rope, dense
+from sanawm_jax.models.sana_wm import ucpe
+from sanawm_jax.models.sana_wm.layers import (
+    RMSNorm,
+    TemporalShortConv,
+    apply_rope,
+    dense,
+)
 from sanawm_jax.ops.attention import dot_product_attention
 from sanawm_jax.ops.gdn import frame_gdn
 

@@ -4,7 +4,7 @@ Frames: the encoder maps F = 1 + 8k pixel frames to T = 1 + k latent frames (the
 inverts that. Every convolution is 3x3x3; time is padded by repeating edge frames (causal: the first frame twice in
 front; non-causal: one copy at each end), space by the configured padding mode. Norms are parameter-free per-position
 RMS norms over channels. Module and parameter names follow diffusers' `AutoencoderKLLTX2Video`, with `name.N`
-spelled `name_N`, so a diffusers state dict converts by a fixed rule (see `sanawm_jax.vae.convert`).
+spelled `name_N`, so a diffusers state dict converts by a fixed rule (see `sanawm_jax.models.ltx2_vae.checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sanawm_jax.vae.config import PADDING_MODES, SCALING_STRIDES, VAEConfig
+from sanawm_jax.models.ltx2_vae.config import PADDING_MODES, SCALING_STRIDES, VAEConfig
+from sanawm_jax.ops.norm import rms_normalize
 
 Dtype = Any
 
 
 def rms_norm(x, eps: float = 1e-8):
     """Parameter-free RMS norm over channels (last axis), statistics in float32, output in x.dtype."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return rms_normalize(x, eps).astype(x.dtype)
 
 
 def space_to_depth(x, stride: tuple[int, int, int]):

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanawm_jax.checkpoint.convert import flatten, raise_on_mismatch, unflatten
+from sanawm_jax.checkpoint.keymap import flatten, raise_on_mismatch, unflatten
 from sanawm_jax.checkpoint.torch_sources import (
     SafetensorsSource,
     read_json,
     read_safetensors_header,
     read_sharded_index,
 )
-from sanawm_jax.text.gemma2 import Gemma2Config, Gemma2Model
+from sanawm_jax.models.gemma.gemma2 import Gemma2Config, Gemma2Model
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"

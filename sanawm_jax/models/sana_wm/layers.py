@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sanawm_jax.ops.attention import dot_product_attention
+from sanawm_jax.ops.norm import rms_normalize
 
 Dtype = Any
 
@@ -33,9 +34,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+        return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 def layer_norm(x, eps: float = 1e-6):

@@ -73,9 +73,7 @@ class VAEConfig(FrozenConfig, DtypePolicy):
             ({self.encoder_spatial_padding_mode, self.decoder_spatial_padding_mode} <= set(PADDING_MODES),
              f"padding modes must be in {sorted(PADDING_MODES)}"),
         ]
-        for ok, message in checks + self.dtype_checks():
-            if not ok:
-                raise ValueError(f"VAEConfig: {message} (got {self})")
+        self.check(checks + self.dtype_checks())
         if self.encoder_compression != self.decoder_compression:
             raise ValueError(
                 f"VAEConfig: encoder compresses (t, h, w) by {self.encoder_compression} but the decoder expands by "

@@ -1,14 +1,14 @@
 """The stage-1 text encoder: Gemma-2 in Flax, its checkpoint converter, and prompt encoding as the pipeline does it."""
 
-from sanawm_jax.text.convert import load_gemma2
-from sanawm_jax.text.encoder import (
+from sanawm_jax.models.gemma.checkpoint import load_gemma2
+from sanawm_jax.models.gemma.encoder import (
     DEFAULT_CHI_PROMPT,
     PromptEmbeddings,
     TextEncoder,
     load_embeddings_npz,
     save_embeddings_npz,
 )
-from sanawm_jax.text.gemma2 import Gemma2Config, Gemma2Model
+from sanawm_jax.models.gemma.gemma2 import Gemma2Config, Gemma2Model
 
 __all__ = [
     "DEFAULT_CHI_PROMPT",

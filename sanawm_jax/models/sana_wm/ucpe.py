@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from sanawm_jax import camera
-from sanawm_jax.layers import apply_rope, rope_angles
+from sanawm_jax.models.sana_wm.layers import apply_rope, rope_angles
 
 
 class RayTransforms(NamedTuple):

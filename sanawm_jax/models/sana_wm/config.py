@@ -62,9 +62,7 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
             (self.gdn_impl in GDN_IMPLS, f"gdn_impl must be one of {GDN_IMPLS}"),
             (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}"),
         ]
-        for ok, message in checks + self.dtype_checks():
-            if not ok:
-                raise ValueError(f"SanaWMConfig: {message} (got {self})")
+        self.check(checks + self.dtype_checks())
 
     @property
     def self_attention_heads(self) -> int:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanawm_jax.vae.codec import check_latents, decode, video_to_uint8
-from sanawm_jax.vae.config import VAEConfig
+from sanawm_jax.models.ltx2_vae.codec import check_latents, decode, video_to_uint8
+from sanawm_jax.models.ltx2_vae.config import VAEConfig
 
 
 def tile_starts(num_latent_frames: int, tile_latent_frames: int, overlap: int) -> list[int]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sanawm_jax.checkpoint.convert import convert_tensors, flatten
+from sanawm_jax.checkpoint.keymap import convert_tensors, flatten
 from sanawm_jax.checkpoint.torch_sources import TensorSource, open_torch_checkpoint
-from sanawm_jax.vae.config import VAEConfig
-from sanawm_jax.vae.model import abstract_vae_params
+from sanawm_jax.models.ltx2_vae.config import VAEConfig
+from sanawm_jax.models.ltx2_vae.model import abstract_vae_params
 
 DIFFUSERS_CLASS = "AutoencoderKLLTX2Video"
 

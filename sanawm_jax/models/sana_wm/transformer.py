@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sanawm_jax import ucpe
-from sanawm_jax.attention import DualBranchAttention
-from sanawm_jax.config import SanaWMConfig
-from sanawm_jax.layers import (
+from sanawm_jax.models.sana_wm import ucpe
+from sanawm_jax.models.sana_wm.attention import DualBranchAttention
+from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.layers import (
     CaptionEmbedder,
     CrossAttention,
     GLUMBConvTemp,
