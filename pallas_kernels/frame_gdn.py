@@ -9,7 +9,9 @@ blocks of `block_tokens` rows and keeps every state in float32 on chip:
 
 A frame is two passes over its token tiles: the first accumulates the state increment, the second reads the state
 out. No per-frame D×D matrix leaves the chip; the forward of `jax.grad` additionally stores the state at chunk
-boundaries (every `chunk_size` frames of the walk).
+boundaries (every `chunk_size` frames of the walk). Each walk starts from a given initial state and writes its final
+state (the `GDNState` contract of `ops.gdn.frame_gdn`). In the backward direction, a frame flagged as a chunk start
+is absorbed with β = 0 and g = 0, which resets the state (chunk-causal mode).
 
 The backward kernel walks each direction's chunks in reverse: it recomputes the states of one chunk into a
 (chunk_size + 1)-slot buffer, then runs the adjoint recurrence frame by frame. With Λ_n = ∂L/∂M_n, P = g M_{n-1},
@@ -20,6 +22,8 @@ U = V − P K and Ŷ the read cotangent:
     dK      = Λ_nᵀ U diag(β) − Pᵀ dV           dQ   = (read state)ᵀ Ŷ
     dg      = ⟨Λ_n − dV Kᵀ, M_{n-1}⟩
     Λ_carry = g (Λ_n − dV Kᵀ)  (+ Ŷ_n Q_nᵀ in the backward direction, whose frame n reads M_{n-1})
+
+The carry starts from the cotangent of the walk's final state and ends as the gradient of its initial state.
 
 Tiles are read from the token-major (B, T, S, H, D) layout in place. S is zero-padded to a multiple of `block_tokens`
 and D to a power of two (the Triton lowering needs power-of-two arrays); zero keys, values, queries and gates leave
@@ -38,6 +42,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from sanawm_jax.ops.gdn import GDNState, ScanState, check_state_inputs
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
@@ -175,12 +181,17 @@ def _zero_states(sizes):
     return [jnp.zeros(kind.state_shape(sizes.dim), F32) for kind in sizes.kinds]
 
 
-def _absorb_frame(streams, beta_ref, t, decayed, sizes):
+def _gate(keep_ref, t, reverse):
+    """1, or 0 where the backward walk resets its state at frame t (a chunk start): scales β and g of frame t."""
+    return jnp.where(reverse, keep_ref[t].astype(F32), 1.0)
+
+
+def _absorb_frame(streams, beta_ref, t, gate, decayed, sizes):
     """States after frame t, given the decayed previous states g·M (one pass over the token tiles)."""
 
     def absorb_tile(j, increments):
         rows = _tile_rows(j, sizes)
-        beta = _load(beta_ref, t, rows)
+        beta = gate * _load(beta_ref, t, rows)
         updated = []
         for kind, refs, state, increment in zip(sizes.kinds, streams, decayed, increments):
             key = _load(refs.key, t, rows)
@@ -194,11 +205,11 @@ def _absorb_frame(streams, beta_ref, t, decayed, sizes):
 
 
 def _forward_kernel(ins, outs, *, sizes, on_gpu):
-    """ins: (streams, beta (T, Sp), decay (T,)); outs: (per-stream reads (T, Sp[, E]), per-stream chunk states
-    (NC, *state) or None)."""
+    """ins: (streams, beta (T, Sp), decay (T,), keep (T,), per-stream initial states); outs: (per-stream reads
+    (T, Sp[, E]), per-stream final states, per-stream chunk states (NC, *state) or None)."""
     del on_gpu
-    streams, beta_ref, decay_ref = ins
-    read_refs, state_refs = outs
+    streams, beta_ref, decay_ref, keep_ref, initial_refs = ins
+    read_refs, final_refs, state_refs = outs
     reverse = pl.program_id(0) == 1
 
     def step(n, states):
@@ -210,8 +221,9 @@ def _forward_kernel(ins, outs, *, sizes, on_gpu):
                 for ref, state in zip(state_refs, states):
                     ref[lax.div(n, sizes.chunk_size)] = state
 
-        decay = decay_ref[t].astype(F32)
-        new_states = _absorb_frame(streams, beta_ref, t, [decay * state for state in states], sizes)
+        gate = _gate(keep_ref, t, reverse)
+        decay = gate * decay_ref[t].astype(F32)
+        new_states = _absorb_frame(streams, beta_ref, t, gate, [decay * state for state in states], sizes)
         read_states = [jnp.where(reverse, old, new) for old, new in zip(states, new_states)]
 
         def read_tile(j, carry):
@@ -223,7 +235,9 @@ def _forward_kernel(ins, outs, *, sizes, on_gpu):
         lax.fori_loop(0, sizes.tiles, read_tile, 0)
         return new_states
 
-    lax.fori_loop(0, sizes.frames, step, _zero_states(sizes))
+    finals = lax.fori_loop(0, sizes.frames, step, [ref[...] for ref in initial_refs])
+    for ref, state in zip(final_refs, finals):
+        ref[...] = state
 
 
 def _tile_gradients(kind, refs, dy_ref, grads, t, rows, beta, decay, previous, read, adjoint):
@@ -247,10 +261,11 @@ def _tile_gradients(kind, refs, dy_ref, grads, t, rows, beta, decay, previous, r
 
 
 def _backward_kernel(ins, outs, *, sizes, on_gpu):
-    """ins: (streams, per-stream read cotangents (T, Sp[, E]), per-stream chunk states (NC, *state), beta, decay);
-    outs: (per-stream Stream of input gradients, d_beta (T, Sp), d_decay (T,), per-stream state buffers)."""
-    streams, cotangent_refs, state_refs, beta_ref, decay_ref = ins
-    grad_refs, d_beta_ref, d_decay_ref, buffer_refs = outs
+    """ins: (streams, per-stream read cotangents (T, Sp[, E]), per-stream final-state cotangents, per-stream chunk
+    states (NC, *state), beta, decay, keep); outs: (per-stream Stream of input gradients, d_beta (T, Sp), d_decay (T,),
+    per-stream initial-state gradients, per-stream state buffers)."""
+    streams, cotangent_refs, d_final_refs, state_refs, beta_ref, decay_ref, keep_ref = ins
+    grad_refs, d_beta_ref, d_decay_ref, d_initial_refs, buffer_refs = outs
     reverse = pl.program_id(0) == 1
     barrier = pltriton.debug_barrier if on_gpu else (lambda: None)
 
@@ -272,7 +287,8 @@ def _backward_kernel(ins, outs, *, sizes, on_gpu):
         def step(j_back, carries):
             j = length - 1 - j_back
             t = _frame_of(start + j, reverse, sizes)
-            decay = decay_ref[t].astype(F32)
+            gate = _gate(keep_ref, t, reverse)
+            decay = gate * decay_ref[t].astype(F32)
             previous = [ref[j] for ref in buffer_refs]
             reads = [jnp.where(reverse, prev, ref[j + 1]) for prev, ref in zip(previous, buffer_refs)]
             read_terms = read_adjoint(t)
@@ -280,20 +296,20 @@ def _backward_kernel(ins, outs, *, sizes, on_gpu):
 
             def tile(i, sums):
                 rows = _tile_rows(i, sizes)
-                beta = _load(beta_ref, t, rows)
+                beta = gate * _load(beta_ref, t, rows)
                 parts = [
                     _tile_gradients(kind, refs, dy_ref, grads, t, rows, beta, decay, prev, read, adjoint)
                     for kind, refs, dy_ref, grads, prev, read, adjoint in zip(
                         sizes.kinds, streams, cotangent_refs, grad_refs, previous, reads, adjoints
                     )
                 ]
-                d_beta_ref[t, rows] = sum(part[0] for part in parts).astype(d_beta_ref.dtype)
+                d_beta_ref[t, rows] = (gate * sum(part[0] for part in parts)).astype(d_beta_ref.dtype)
                 return [(erased + part[1], d_decay + part[2]) for (erased, d_decay), part in zip(sums, parts)]
 
             zeros = [(state, jnp.zeros((), F32)) for state in _zero_states(sizes)]
             sums = lax.fori_loop(0, sizes.tiles, tile, zeros)
             d_decay = sum(jnp.sum(adj * prev) + part for adj, prev, (_, part) in zip(adjoints, previous, sums))
-            d_decay_ref[t] = d_decay.astype(d_decay_ref.dtype)
+            d_decay_ref[t] = (gate * d_decay).astype(d_decay_ref.dtype)
             return [
                 decay * (adjoint - erased) + jnp.where(reverse, term, 0.0)
                 for adjoint, (erased, _), term in zip(adjoints, sums, read_terms)
@@ -312,8 +328,9 @@ def _backward_kernel(ins, outs, *, sizes, on_gpu):
             for ref, state in zip(buffer_refs, states):
                 ref[j] = state
             t = _frame_of(start + j, reverse, sizes)
-            decay = decay_ref[t].astype(F32)
-            return _absorb_frame(streams, beta_ref, t, [decay * state for state in states], sizes)
+            gate = _gate(keep_ref, t, reverse)
+            decay = gate * decay_ref[t].astype(F32)
+            return _absorb_frame(streams, beta_ref, t, gate, [decay * state for state in states], sizes)
 
         final = lax.fori_loop(0, length, recompute, [ref[c] for ref in state_refs])
         for ref, state in zip(buffer_refs, final):
@@ -323,17 +340,21 @@ def _backward_kernel(ins, outs, *, sizes, on_gpu):
         barrier()  # and overwritten by the next chunk
         return carries
 
-    lax.fori_loop(0, sizes.chunks, chunk_step, _zero_states(sizes))
+    d_initials = lax.fori_loop(0, sizes.chunks, chunk_step, [ref[...] for ref in d_final_refs])
+    for ref, d_initial in zip(d_initial_refs, d_initials):
+        ref[...] = d_initial
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # pallas_call plumbing
 
-# Batch, head and direction axes of each operand layout: "tokens" (B, T, S, H[, D]), "frames" (B, T, H);
-# the "directed_" layouts carry a leading direction axis; "directed_states" is (2, B, H, slots, *state).
+# Batch, head and direction axes of each operand layout: "tokens" (B, T, S, H[, D]), "frames" (B, T, H),
+# "frame_flags" (T,) shared by every program; the "directed_" layouts carry a leading direction axis;
+# "directed_states" is (2, B, H[, slots], *state).
 _LAYOUT_AXES = {
     "tokens": (0, 3, None),
     "frames": (0, 2, None),
+    "frame_flags": (None, None, None),
     "directed_tokens": (1, 4, 0),
     "directed_frames": (1, 3, 0),
     "directed_states": (1, 2, 0),
@@ -343,7 +364,9 @@ _LAYOUT_AXES = {
 def _block_spec(shape, layout):
     """Each (direction, batch, head) program sees the whole slab of its batch and head (and direction)."""
     batch_axis, head_axis, direction_axis = _LAYOUT_AXES[layout]
-    grid_axis = {batch_axis: 1, head_axis: 2, direction_axis: 0}
+    grid_axis = {
+        axis: program for program, axis in enumerate((direction_axis, batch_axis, head_axis)) if axis is not None
+    }
     block = tuple(None if axis in grid_axis else size for axis, size in enumerate(shape))
 
     def index_map(*program):
@@ -397,14 +420,16 @@ def _launch_cost(sizes, batch, heads, itemsize, *, backward, save_states):
     or 9 (backward: recomputed prediction and increment, read adjoint, 6 gradient products) rows×D×E products.
     It reads the token tensors (keys, values, queries in `itemsize` bytes, β and cotangents in float32) once per
     pass that needs them and writes float32 results; the backward also moves the recomputed states of its buffer.
+    Both read one boundary state (initial state, or final-state cotangent) and write one per stream.
     """
     rows = sizes.frames * sizes.tokens  # token rows per program
     passes = 2 if backward else 1
     flops = 0
-    traffic = passes * (rows + sizes.frames) * 4  # beta, decay
+    traffic = passes * (rows + 2 * sizes.frames) * 4  # beta, decay, chunk-start flags
     for kind in sizes.kinds:
         width = sizes.dim if kind is MatrixState else 1
         state_bytes = sizes.dim * width * 4
+        traffic += 2 * state_bytes
         token_inputs = (3 if kind is MatrixState else 2) * rows * sizes.dim * itemsize  # keys, (values,) queries
         flops += (9 if backward else 3) * 2 * rows * sizes.dim * width
         if backward:
@@ -470,13 +495,37 @@ def _per_direction_total(x, like):
     return x[tuple(slice(0, size) for size in like.shape)].astype(like.dtype)
 
 
-def _forward(settings, q_rot, k_rot, v, beta, decay, q, k, *, save_states):
-    """Returns (output (B, T, S, H, D) in v.dtype, denominator (B, T, S, H) float32 or None, chunk states or None)."""
+def _directed_states(state, sizes):
+    """GDNState -> per stream, the (2, B, H, *state) float32 states of the (forward, backward) walks, zero-padded to
+    the kernel's head dim (zero rows/columns stay zero: the recurrence is exact)."""
+    pairs = [(state.forward.numerator, state.backward.numerator)]
+    if len(sizes.kinds) > 1:
+        pairs.append((state.forward.denominator, state.backward.denominator))
+    directed = []
+    for pair in pairs:
+        x = jnp.stack(pair).astype(F32)
+        widths = [(0, 0)] * 3 + [(0, sizes.dim - size) for size in x.shape[3:]]
+        directed.append(jnp.pad(x, widths))
+    return directed
+
+
+def _gdn_state(directed, dim):
+    """Inverse of `_directed_states` for head dim D."""
+    numerators = directed[0][:, :, :, :dim, :dim]
+    denominators = directed[1][:, :, :, :dim] if len(directed) > 1 else (None, None)
+    return GDNState(*(ScanState(*pair) for pair in zip(numerators, denominators)))
+
+
+def _forward(settings, q_rot, k_rot, v, beta, decay, q, k, keep, initial, *, save_states):
+    """keep: (T,) float32, 0 at the chunk starts of the backward walk; initial: `_directed_states`.
+    Returns (output (B, T, S, H, D) in v.dtype, denominator (B, T, S, H) float32 or None, per-stream final states
+    (2, B, H, *state), per-stream chunk states (2, B, H, NC, *state) or None)."""
     sizes = _padded_sizes(v.shape, q is not None, settings)
     b, _, _, h, _ = v.shape
     streams = _padded_streams(q_rot, k_rot, v, q, k, sizes)
     padded_beta = _pad(beta, sizes)
     reads = [_directed(padded_beta if s.value is None else s.value) for s in streams]  # (2, B, T, S_pad, H[, E])
+    finals = [jax.ShapeDtypeStruct(x.shape, F32) for x in initial]
     states = None
     if save_states:
         states = [
@@ -484,28 +533,33 @@ def _forward(settings, q_rot, k_rot, v, beta, decay, q, k, *, save_states):
             for kind in sizes.kinds
         ]
     cost = _launch_cost(sizes, b, h, v.dtype.itemsize, backward=False, save_states=save_states)
-    read_values, chunk_states = _run(
+    read_values, final_states, chunk_states = _run(
         _forward_kernel, "frame_gdn_forward", sizes, settings, b, h, cost,
-        inputs=[(streams, "tokens"), (padded_beta, "tokens"), (decay, "frames")],
-        outputs=[(reads, "directed_tokens"), (states, "directed_states")],
+        inputs=[
+            (streams, "tokens"), (padded_beta, "tokens"), (decay, "frames"), (keep, "frame_flags"),
+            (initial, "directed_states"),
+        ],
+        outputs=[(reads, "directed_tokens"), (finals, "directed_states"), (states, "directed_states")],
     )
     numerator = _per_direction_total(read_values[0], jax.ShapeDtypeStruct(v.shape, F32))
     if q is None:
-        return numerator.astype(v.dtype), None, chunk_states
+        return numerator.astype(v.dtype), None, final_states, chunk_states
     denominator = _per_direction_total(read_values[1], jax.ShapeDtypeStruct(beta.shape, F32))
-    return (numerator / (denominator + settings.eps)[..., None]).astype(v.dtype), denominator, chunk_states
+    output = (numerator / (denominator + settings.eps)[..., None]).astype(v.dtype)
+    return output, denominator, final_states, chunk_states
 
 
-def _backward(settings, residuals, d_output):
-    q_rot, k_rot, v, beta, decay, q, k, output, denominator, chunk_states = residuals
+def _backward(settings, residuals, cotangents):
+    q_rot, k_rot, v, beta, decay, q, k, keep, output, denominator, chunk_states = residuals
+    d_output, d_final = cotangents
     sizes = _padded_sizes(v.shape, q is not None, settings)
     b, _, _, h, _ = v.shape
     d_output = d_output.astype(F32)
     if q is None:
-        cotangents = [d_output]
+        read_cotangents = [d_output]
     else:  # output = numerator / (denominator + eps)
         scale = 1.0 / (denominator + settings.eps)
-        cotangents = [d_output * scale[..., None], -jnp.sum(d_output * output.astype(F32), axis=-1) * scale]
+        read_cotangents = [d_output * scale[..., None], -jnp.sum(d_output * output.astype(F32), axis=-1) * scale]
     streams = _padded_streams(q_rot, k_rot, v, q, k, sizes)
     padded_beta = _pad(beta, sizes)
     buffers = [
@@ -513,15 +567,17 @@ def _backward(settings, residuals, d_output):
         for kind in sizes.kinds
     ]
     cost = _launch_cost(sizes, b, h, v.dtype.itemsize, backward=True, save_states=False)
-    stream_grads, d_beta, d_decay, _ = _run(
+    stream_grads, d_beta, d_decay, d_initial, _ = _run(
         _backward_kernel, "frame_gdn_backward", sizes, settings, b, h, cost,
         inputs=[
-            (streams, "tokens"), ([_pad(c, sizes) for c in cotangents], "tokens"), (chunk_states, "directed_states"),
-            (padded_beta, "tokens"), (decay, "frames"),
+            (streams, "tokens"), ([_pad(c, sizes) for c in read_cotangents], "tokens"), (d_final, "directed_states"),
+            (chunk_states, "directed_states"), (padded_beta, "tokens"), (decay, "frames"), (keep, "frame_flags"),
         ],
         outputs=[
             (jax.tree.map(_directed, streams), "directed_tokens"), (_directed(padded_beta), "directed_tokens"),
-            (_directed(decay), "directed_frames"), (buffers, "directed_states"),
+            (_directed(decay), "directed_frames"), ([jax.ShapeDtypeStruct(x.shape, F32) for x in d_final],
+                                                    "directed_states"),
+            (buffers, "directed_states"),
         ],
     )
     main = stream_grads[0]
@@ -531,21 +587,27 @@ def _backward(settings, residuals, d_output):
     return (
         _per_direction_total(main.query, q_rot), _per_direction_total(main.key, k_rot),
         _per_direction_total(main.value, v), _per_direction_total(d_beta, beta), _per_direction_total(d_decay, decay),
-        d_q, d_k,
+        d_q, d_k, None, d_initial,
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _frame_gdn(settings, q_rot, k_rot, v, beta, decay, q, k):
-    output, _, _ = _forward(settings, q_rot, k_rot, v, beta, decay, q, k, save_states=False)
-    return output
+def _frame_gdn(settings, q_rot, k_rot, v, beta, decay, q, k, keep, initial):
+    output, _, final_states, _ = _forward(
+        settings, q_rot, k_rot, v, beta, decay, q, k, keep, initial, save_states=False
+    )
+    return output, final_states
 
 
-def _frame_gdn_fwd(settings, q_rot, k_rot, v, beta, decay, q, k):
-    """Residuals: the inputs, the output and float32 denominator (main branch only) and the chunk states."""
-    output, denominator, chunk_states = _forward(settings, q_rot, k_rot, v, beta, decay, q, k, save_states=True)
+def _frame_gdn_fwd(settings, q_rot, k_rot, v, beta, decay, q, k, keep, initial):
+    """Residuals: the inputs, the output and float32 denominator (main branch only) and the chunk states (the first
+    of which is the initial state)."""
+    output, denominator, final_states, chunk_states = _forward(
+        settings, q_rot, k_rot, v, beta, decay, q, k, keep, initial, save_states=True
+    )
     output_residual = None if q is None else output
-    return output, (q_rot, k_rot, v, beta, decay, q, k, output_residual, denominator, chunk_states)
+    residuals = (q_rot, k_rot, v, beta, decay, q, k, keep, output_residual, denominator, chunk_states)
+    return (output, final_states), residuals
 
 
 _frame_gdn.defvjp(_frame_gdn_fwd, _backward, optimize_remat=True)
@@ -567,15 +629,30 @@ def _check_inputs(q_rot, k_rot, v, beta, decay, q, k):
         raise ValueError(f"decay must be (B, T, H) = {(b, t, h)}, got {decay.shape}")
 
 
-def frame_gdn_pallas(q_rot, k_rot, v, beta, decay, q=None, k=None, *, eps=1e-8, chunk_size=16, block_tokens=32,
-                     num_warps=8, num_stages=1):
+def frame_gdn_pallas(q_rot, k_rot, v, beta, decay, q=None, k=None, *, eps=1e-8, initial_state=None,
+                     return_final_state=False, chunk_starts=None, chunk_size=16, block_tokens=32, num_warps=8,
+                     num_stages=1):
     """Bidirectional frame-level Gated-DeltaNet as fused Pallas kernels; same contract as `ops.gdn.frame_gdn`.
 
     q_rot, k_rot, v: (B, T, S, H, D); beta: (B, T, S, H); decay: (B, T, H); q, k: optional (B, T, S, H, D)
     unrotated queries/keys of the denominator stream (main branch) — without them, the camera single path.
-    Returns (B, T, S, H, D) in v.dtype. Differentiable in every input through a custom VJP; the tuning arguments are
-    described in `KernelSettings`.
+    initial_state: `GDNState` (float32 (B, H, D, D) numerator and, main branch only, (B, H, D) denominator states per
+    direction) the walks start from, zeros if None; return_final_state: return `(output, final GDNState)`;
+    chunk_starts: optional (T,) bool confining the backward walk to chunks. Their meaning is `ops.gdn.frame_gdn`'s.
+    Returns (B, T, S, H, D) in v.dtype. Differentiable in every input and in the initial state (the final state's
+    cotangent flows back) through a custom VJP; the tuning arguments are described in `KernelSettings`.
     """
     _check_inputs(q_rot, k_rot, v, beta, decay, q, k)
+    check_state_inputs(v, q is not None, initial_state, chunk_starts)
     settings = KernelSettings(eps, chunk_size, block_tokens, num_warps, num_stages)
-    return _frame_gdn(settings, q_rot, k_rot, v, beta, decay, q, k)
+    b, t, _, h, d = v.shape
+    if initial_state is None:
+        initial_state = GDNState.zeros(b, h, d, with_denominator=q is not None)
+    keep = jnp.ones((t,), F32) if chunk_starts is None else 1.0 - chunk_starts.astype(F32)
+    sizes = _padded_sizes(v.shape, q is not None, settings)
+    output, final_states = _frame_gdn(
+        settings, q_rot, k_rot, v, beta, decay, q, k, keep, _directed_states(initial_state, sizes)
+    )
+    if return_final_state:
+        return output, _gdn_state(final_states, d)
+    return output
