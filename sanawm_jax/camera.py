@@ -8,6 +8,7 @@ Host-side preparation (`action_string_to_c2w` .. `prepare_camera`) validates con
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -15,13 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sanawm_jax.frozen_config import FrozenConfig
+
 TARGET_SIZE = (704, 1280)
 VAE_STRIDE = (8, 32, 32)
-
-ACTION_KEYS = "wasdijkl"
-DEFAULT_TRANSLATION_SPEED = 0.05
-DEFAULT_ROTATION_SPEED_DEG = 1.2
-DEFAULT_PITCH_LIMIT_DEG = 85.0
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -30,38 +28,145 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Action DSL -> camera-to-world trajectory (host side, float64 then float32)
 # ---------------------------------------------------------------------------
 
+ACTION_KEYS = "wasdijkl"
+# Components of the per-frame camera motion, positive towards: forward, right (strafe), right (yaw), up (pitch).
+MOTION_AXES = ("forward", "strafe", "yaw", "pitch")
+_ALLOWED_KEYS = "allowed keys: w s a d i k j l, or none-N"
+
+
+@dataclasses.dataclass(frozen=True)
+class ActionConvention(FrozenConfig):
+    """How the keys of an action string move the camera, frame by frame.
+
+    key_motion: (key, motion axis, sign) for every key of ACTION_KEYS, axes from MOTION_AXES.
+    translation_speed: distance per frame at full forward / strafe speed.
+    rotation_speed_deg: degrees per frame at full yaw / pitch speed.
+    pitch_limit_deg: bound on |pitch|; a step that would cross it stops at the bound when `pitch_saturates`, else
+        it is skipped.
+    press_tau_s, coast_tau_s: time constants in seconds (at `fps`) with which each motion component eases towards
+        its target while a key drives it / after release; None for both: the motion is the held keys, unsmoothed.
+    """
+
+    key_motion: tuple[tuple[str, str, int], ...]
+    translation_speed: float
+    rotation_speed_deg: float
+    pitch_limit_deg: float
+    pitch_saturates: bool
+    press_tau_s: float | None = None
+    coast_tau_s: float | None = None
+    fps: float = 16.0
+
+    def __post_init__(self):
+        keys = sorted(key for key, _, _ in self.key_motion)
+        finite = [math.isfinite(v) for v in (self.translation_speed, self.rotation_speed_deg, self.pitch_limit_deg)]
+        taus = (self.press_tau_s, self.coast_tau_s)
+        self.check([
+            (keys == sorted(ACTION_KEYS), f"key_motion must give each of {ACTION_KEYS!r} once, got {keys}"),
+            (all(axis in MOTION_AXES and sign in (-1, 1) for _, axis, sign in self.key_motion),
+             f"key_motion axes must be in {MOTION_AXES} with sign +-1, got {self.key_motion}"),
+            (all(finite), "speeds and the pitch limit must be finite"),
+            (self.translation_speed >= 0, f"translation_speed must be >= 0, got {self.translation_speed}"),
+            (self.rotation_speed_deg >= 0, f"rotation_speed_deg must be >= 0, got {self.rotation_speed_deg}"),
+            (self.pitch_limit_deg > 0, f"pitch_limit_deg must be positive, got {self.pitch_limit_deg}"),
+            (taus == (None, None) or all(t is not None and t > 0 for t in taus) and self.fps > 0,
+             f"press_tau_s and coast_tau_s must both be None or both positive (fps > 0), got {taus} at {self.fps}"),
+        ])
+
+    @property
+    def eased(self) -> bool:
+        return self.press_tau_s is not None
+
+    def key_matrix(self) -> np.ndarray:
+        """(8, 4) float64: row k is the motion (along MOTION_AXES, in units of full speed) of ACTION_KEYS[k]."""
+        matrix = np.zeros((len(ACTION_KEYS), len(MOTION_AXES)))
+        for key, axis, sign in self.key_motion:
+            matrix[ACTION_KEYS.index(key), MOTION_AXES.index(axis)] = sign
+        return matrix
+
+
+ACTION_CONVENTIONS = {
+    # The released NVlabs CLI after its key remap: a/d turn, j/l strafe, eased held keys, gentle speeds.
+    "sana_wm": ActionConvention(
+        key_motion=(("w", "forward", 1), ("s", "forward", -1), ("a", "yaw", -1), ("d", "yaw", 1),
+                    ("i", "pitch", 1), ("k", "pitch", -1), ("j", "strafe", -1), ("l", "strafe", 1)),
+        translation_speed=0.025, rotation_speed_deg=0.6, pitch_limit_deg=60.0, pitch_saturates=True,
+        press_tau_s=0.45, coast_tau_s=1.0, fps=16.0,
+    ),
+    # diffusers 0.42.1 (the first release's mapping): a/d strafe, j/l turn, no smoothing.
+    "diffusers": ActionConvention(
+        key_motion=(("w", "forward", 1), ("s", "forward", -1), ("a", "strafe", -1), ("d", "strafe", 1),
+                    ("i", "pitch", 1), ("k", "pitch", -1), ("j", "yaw", -1), ("l", "yaw", 1)),
+        translation_speed=0.05, rotation_speed_deg=1.2, pitch_limit_deg=85.0, pitch_saturates=False,
+    ),
+}
+
+
+def action_convention(name: str = "sana_wm", **overrides) -> ActionConvention:
+    """The named convention of ACTION_CONVENTIONS with the fields in `overrides` that are not None replaced."""
+    if name not in ACTION_CONVENTIONS:
+        raise ValueError(f"unknown action convention {name!r}; choose from {', '.join(ACTION_CONVENTIONS)}")
+    return ACTION_CONVENTIONS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
+
 
 def _held_keys_per_frame(action: str) -> np.ndarray:
     """'<keys>-<frames>,...' -> (N, 8) bool, column k True when ACTION_KEYS[k] is held in that frame.
 
     Whitespace is ignored, a full-width comma separates segments like ',', keys are case-insensitive and 'none'
-    holds still.
+    holds no key.
     """
     cleaned = "".join(action.replace("，", ",").split())
     if not cleaned:
-        raise ValueError("action string is empty")
+        raise ValueError(f"action string is empty: give segments '<keys>-<frames>' such as w-16,aw-8; {_ALLOWED_KEYS}")
     frames = []
     for segment in cleaned.split(","):
-        keys, dash, duration = segment.partition("-")
+        keys, dash, duration = segment.rpartition("-")
         if not dash or not keys:
-            raise ValueError(f"malformed action segment {segment!r}: expected '<keys>-<frames>', e.g. 'w-16', 'none-8'")
+            raise ValueError(f"action segment {segment!r} is malformed: expected '<keys>-<frames>', e.g. w-16, none-8")
         if not (duration.isascii() and duration.isdigit()) or int(duration) == 0:
-            raise ValueError(f"action segment {segment!r}: duration {duration!r} is not a positive integer")
+            raise ValueError(f"action segment {segment!r}: frame count {duration!r} is not a positive integer")
         keys = keys.lower()
         held = "" if keys == "none" else keys
-        unknown = sorted(set(held) - set(ACTION_KEYS))
+        unknown = sorted(set(held) - set(ACTION_KEYS), key=held.index)
         if unknown:
-            raise ValueError(f"action segment {segment!r}: unknown keys {unknown}; allowed: {ACTION_KEYS} or 'none'")
+            named = ", ".join(repr(key) for key in unknown)
+            plural = "s" * (len(unknown) > 1)
+            raise ValueError(f"action segment {segment!r}: unknown key{plural} {named}; {_ALLOWED_KEYS}")
         frames.append(np.tile([key in held for key in ACTION_KEYS], (int(duration), 1)))
     return np.concatenate(frames)
 
 
-def _clamped_cumulative_pitch(steps: np.ndarray, limit: float) -> np.ndarray:
-    """Running pitch (N,) from per-frame steps (N,); a step that would leave [-limit, limit] is dropped."""
+def _motion_per_frame(held: np.ndarray, convention: ActionConvention) -> np.ndarray:
+    """held (N, 8) bool -> (N, 4) float64 commanded motion along MOTION_AXES in units of full speed.
+
+    Uneased: the held keys' directions summed. Eased: a frame in which any key goes down sets every component to
+    its target at once; otherwise each component moves a fraction 1 - exp(-1 / (fps * tau)) of the way to its
+    target, tau = press_tau_s where the target is non-zero and coast_tau_s where it is zero (release, or opposite
+    keys held together).
+    """
+    targets = held.astype(np.float64) @ convention.key_matrix()
+    if not convention.eased:
+        return targets
+    press = 1.0 - math.exp(-1.0 / (convention.fps * convention.press_tau_s))
+    coast = 1.0 - math.exp(-1.0 / (convention.fps * convention.coast_tau_s))
+    motion = np.empty_like(targets)
+    current, previous = np.zeros(len(MOTION_AXES)), np.zeros(len(ACTION_KEYS), bool)
+    for frame, (target, keys) in enumerate(zip(targets, held)):
+        if np.any(keys & ~previous):
+            current = target.copy()
+        else:
+            current = current + np.where(target != 0, press, coast) * (target - current)
+        motion[frame], previous = current, keys
+    return motion
+
+
+def _cumulative_pitch(steps: np.ndarray, limit: float, saturate: bool) -> np.ndarray:
+    """Running pitch (N,) from per-frame steps (N,) kept within [-limit, limit] by saturating or skipping a step."""
     pitch = np.empty_like(steps)
     current = 0.0
     for frame, step in enumerate(steps):
-        if abs(current + step) <= limit:
+        if saturate:
+            current = min(limit, max(-limit, current + step))
+        elif abs(current + step) <= limit:
             current += step
         pitch[frame] = current
     return pitch
@@ -91,29 +196,64 @@ def _horizontal_unit(vectors: np.ndarray) -> np.ndarray:
 def action_string_to_c2w(
     action: str,
     *,
-    translation_speed: float = DEFAULT_TRANSLATION_SPEED,
-    rotation_speed_deg: float = DEFAULT_ROTATION_SPEED_DEG,
-    pitch_limit_deg: float = DEFAULT_PITCH_LIMIT_DEG,
+    convention: str = "sana_wm",
+    translation_speed: float | None = None,
+    rotation_speed_deg: float | None = None,
+    pitch_limit_deg: float | None = None,
 ) -> np.ndarray:
-    """Roll an action string out into a c2w trajectory (N+1, 4, 4) float32 starting at the identity.
+    """Roll an action string out into a c2w trajectory (N+1, 4, 4) float32, N the total frame count of its segments.
 
-    Per frame: w/s move forward/back and d/a right/left along the camera axes projected on the horizontal (XZ)
-    plane; i/k pitch up/down, l/j yaw right/left by `rotation_speed_deg`. Rotations compose as
-    R <- rot_y(yaw) . R . rot_x(pitch), so R_n = rot_y(total yaw) . rot_x(total pitch). A pitch step that would
-    pass +-pitch_limit_deg is skipped. Keys, speeds and limit are those of diffusers 0.42.1 (no velocity smoothing).
+    Pose 0 is the identity; pose n is the camera after the keys of frame n (1-based) acted. An action string is
+    comma-separated segments '<keys>-<frames>': the keys held for that many frames, several keys at once as in
+    'aw-24' (forward while turning left), 'none-N' for no key.
+
+    Conventions (speeds and the pitch limit default to the convention's, None keeps them):
+    - "sana_wm" (default), the released NVlabs CLI after its key remap: w/s forward/back along the heading, a/d
+      yaw left/right, i/k pitch up/down, j/l strafe left/right; 0.025 per frame and 0.6 deg per frame at full
+      speed, pitch saturating at +-60 deg. Held keys are eased: when a key goes down every motion component jumps
+      to its target; otherwise each one eases towards it with a 0.45 s time constant while driven and coasts to
+      rest with 1 s after release (16 fps), so 'w-40,none-40' keeps gliding forward for a while.
+    - "diffusers", diffusers 0.42.1 (the first release): a/d strafe, j/l yaw, i/k pitch; 0.05 and 1.2 deg per
+      frame; no easing; a pitch step that would pass +-85 deg is skipped.
+
+    Per frame: yaw and pitch turn by (motion * rotation speed), composed as R <- rot_y(yaw) . R . rot_x(pitch) so
+    R_n = rot_y(total yaw) . rot_x(total pitch); then the camera moves by (motion * translation speed) along its new
+    forward and right axes projected on the horizontal (XZ) plane, so w follows the heading and never climbs.
+    Invalid strings raise ValueError naming the segment (e.g. "action segment 'zz-3': unknown key 'z'; ...").
     """
-    held = _held_keys_per_frame(action).astype(np.float64)
-    key = {name: held[:, column] for column, name in enumerate(ACTION_KEYS)}
-    step = math.radians(rotation_speed_deg)
-    pitch = _clamped_cumulative_pitch(step * (key["i"] - key["k"]), math.radians(pitch_limit_deg))
-    yaw = np.cumsum(step * (key["l"] - key["j"]))
-    rotation = _rotation_y(yaw) @ _rotation_x(pitch)
-    forward = _horizontal_unit(rotation[:, :, 2]) * (translation_speed * (key["w"] - key["s"]))[:, None]
-    right = _horizontal_unit(rotation[:, :, 0]) * (translation_speed * (key["d"] - key["a"]))[:, None]
-    c2w = np.tile(np.eye(4), (len(held) + 1, 1, 1))
+    conv = action_convention(convention, translation_speed=translation_speed, rotation_speed_deg=rotation_speed_deg,
+                             pitch_limit_deg=pitch_limit_deg)
+    motion = _motion_per_frame(_held_keys_per_frame(action), conv)
+    forward, strafe, yaw, pitch = motion.T
+    step = math.radians(conv.rotation_speed_deg)
+    total_pitch = _cumulative_pitch(step * pitch, math.radians(conv.pitch_limit_deg), conv.pitch_saturates)
+    rotation = _rotation_y(np.cumsum(step * yaw)) @ _rotation_x(total_pitch)
+    heading, right = _horizontal_unit(rotation[:, :, 2]), _horizontal_unit(rotation[:, :, 0])
+    moves = forward[:, None] * heading + strafe[:, None] * right
+    c2w = np.tile(np.eye(4), (len(motion) + 1, 1, 1))
     c2w[1:, :3, :3] = rotation
-    c2w[1:, :3, 3] = np.cumsum(forward + right, axis=0)
+    c2w[1:, :3, 3] = np.cumsum(conv.translation_speed * moves, axis=0)
     return c2w.astype(np.float32)
+
+
+def action_key_states(action: str, *, convention: str = "sana_wm") -> tuple[np.ndarray, np.ndarray]:
+    """What drives the camera into each pose of `action_string_to_c2w(action)`, for drawing on the video.
+
+    Returns:
+        key_levels (N+1, 8) float32 in [0, 1], column k for ACTION_KEYS[k]: 1 while the key is held, and after its
+            release the eased motion it left behind along its direction (sana_wm coasting; 0 at once without
+            easing). Row 0 (the first pose) is all zero; row n belongs to the keys of frame n.
+        look (N+1, 2) float32 in [-1, 1]: commanded (yaw right, pitch up) as fractions of the rotation speed.
+    """
+    conv = action_convention(convention)
+    held = _held_keys_per_frame(action)
+    motion = _motion_per_frame(held, conv)
+    along_keys = np.clip(motion @ conv.key_matrix().T, 0.0, 1.0)  # (N, 8): motion in each key's direction
+    levels = np.where(held, 1.0, along_keys)
+    look = np.clip(motion[:, [MOTION_AXES.index("yaw"), MOTION_AXES.index("pitch")]], -1.0, 1.0)
+    first_pose = np.zeros((1, len(ACTION_KEYS) + 2))
+    states = np.concatenate([first_pose, np.concatenate([levels, look], axis=1)]).astype(np.float32)
+    return states[:, : len(ACTION_KEYS)], states[:, len(ACTION_KEYS) :]
 
 
 def snap_num_frames(n: int, stride: int = 8, upper_bound: int | None = None) -> int:

@@ -1,7 +1,8 @@
 """sanawm_jax.camera against the diffusers SANA-WM oracle (cam_utils, the pipeline and the transformer's UCPE rays).
 
 Tolerances: the action DSL is float64 internally and differs from the oracle only in the last float32 bit, so 1e-6
-absolute on unit-scale poses; everything else runs in float32 on both sides with differently ordered arithmetic
+absolute on unit-scale poses (the diffusers convention is checked against the oracle, the default sana_wm convention
+against expectations derived here by hand); everything else runs in float32 on both sides with differently ordered arithmetic
 (closed-form vs BLAS matmuls, rsqrt vs sqrt-divide, the oracle's fx -> FoV -> fx round trip), so 1e-5 absolute on
 unit-scale directions, moments and matrices.
 """
@@ -106,40 +107,191 @@ def oracle_ray_matrices(camera_conditions, grid, patch_size):
 
 
 @pytest.mark.parametrize("action", ACTIONS)
-def test_action_string_matches_diffusers(action):
+def test_diffusers_convention_matches_diffusers(action):
     expected = oracle_cam.action_string_to_c2w(action)
-    trajectory = camera.action_string_to_c2w(action)
+    trajectory = camera.action_string_to_c2w(action, convention="diffusers")
     assert trajectory.shape == expected.shape and trajectory.dtype == np.float32
     np.testing.assert_allclose(trajectory, expected, rtol=0, atol=1e-6)
 
 
-def test_action_string_with_custom_speeds_matches_diffusers():
+def test_diffusers_convention_with_custom_speeds_matches_diffusers():
     speeds = dict(translation_speed=0.025, rotation_speed_deg=0.6, pitch_limit_deg=60.0)
     action = "i-120,wl-40,k-250,ds-16"
     np.testing.assert_allclose(
-        camera.action_string_to_c2w(action, **speeds), oracle_cam.action_string_to_c2w(action, **speeds), atol=1e-6
+        camera.action_string_to_c2w(action, convention="diffusers", **speeds),
+        oracle_cam.action_string_to_c2w(action, **speeds),
+        atol=1e-6,
     )
 
 
 @pytest.mark.parametrize(
-    "action, problem",
+    "action, message",
     [
-        ("", "empty"),
-        (" \t ", "empty"),
-        ("x-4", "unknown keys"),
-        ("wq-4", "unknown keys"),
-        ("w-0", "positive integer"),
-        ("w--3", "positive integer"),
-        ("w-2.5", "positive integer"),
-        ("w-", "positive integer"),
-        ("w4", "malformed"),
-        ("-4", "malformed"),
-        ("w-4,", "malformed"),
+        ("w-40,zz-3", "action segment 'zz-3': unknown key 'z'; allowed keys: w s a d i k j l, or none-N"),
+        ("wqx-4", "action segment 'wqx-4': unknown keys 'q', 'x'; allowed keys: w s a d i k j l, or none-N"),
+        ("w--3", "action segment 'w--3': unknown key '-'; allowed keys: w s a d i k j l, or none-N"),
+        ("", "action string is empty: give segments '<keys>-<frames>' such as w-16,aw-8; allowed keys: w s a d "
+             "i k j l, or none-N"),
+        (" \t ", "action string is empty"),
+        ("w-0", "action segment 'w-0': frame count '0' is not a positive integer"),
+        ("w-2.5", "action segment 'w-2.5': frame count '2.5' is not a positive integer"),
+        ("w-", "action segment 'w-': frame count '' is not a positive integer"),
+        ("w4", "action segment 'w4' is malformed: expected '<keys>-<frames>', e.g. w-16, none-8"),
+        ("-4", "action segment '-4' is malformed"),
+        ("w-4,", "action segment '' is malformed"),
     ],
 )
-def test_action_string_rejects_bad_input(action, problem):
-    with pytest.raises(ValueError, match=problem):
-        camera.action_string_to_c2w(action)
+@pytest.mark.parametrize("convention", ["sana_wm", "diffusers"])
+def test_action_string_rejects_bad_input_naming_the_segment(action, message, convention):
+    with pytest.raises(ValueError) as error:
+        camera.action_string_to_c2w(action, convention=convention)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+# The released convention, from its documentation: 0.025 per frame, 0.6 deg per frame, pitch within +-60 deg; at
+# 16 fps a released component keeps exp(-1/16) of its speed per frame (1 s coast), a driven one closes
+# 1 - exp(-1/(16 * 0.45)) of its gap (0.45 s press) unless a key went down this frame (then it jumps).
+SPEED, TURN, PITCH_LIMIT = 0.025, np.radians(0.6), np.radians(60.0)
+COAST, PRESS = np.exp(-1 / 16), np.exp(-1 / (16 * 0.45))
+POSE_ATOL = 1e-6  # float64 roll-out rounded to float32, unit-scale poses
+
+
+def heading(c2w):
+    """Camera forward axes (F, 3) in world coordinates (OpenCV: +x right, +y down)."""
+    return c2w[:, :3, 2]
+
+
+def test_sana_wm_rolls_out_one_pose_per_frame_after_the_identity():
+    c2w = camera.action_string_to_c2w("w-3,none-4,aw-5")
+    assert c2w.shape == (13, 4, 4) and c2w.dtype == np.float32
+    np.testing.assert_array_equal(c2w[0], np.eye(4))
+    np.testing.assert_array_equal(c2w[:, 3], np.tile([0, 0, 0, 1], (13, 1)))
+
+
+@pytest.mark.parametrize("action, direction", [("w-20", 1.0), ("s-20", -1.0)])
+def test_w_and_s_move_along_the_heading_by_the_speed_each_frame(action, direction):
+    c2w = camera.action_string_to_c2w(action)
+    expected = direction * SPEED * np.arange(21)[:, None] * np.array([0.0, 0.0, 1.0])
+    np.testing.assert_allclose(c2w[:, :3, 3], expected, atol=POSE_ATOL)
+    np.testing.assert_allclose(c2w[:, :3, :3], np.tile(np.eye(3), (21, 1, 1)), atol=POSE_ATOL)
+
+
+def test_a_released_key_coasts_to_rest_geometrically():
+    z = camera.action_string_to_c2w("w-10,none-30")[:, 2, 3]
+    steps = np.diff(z.astype(np.float64))
+    expected = SPEED * np.concatenate([np.ones(10), COAST ** np.arange(1, 31)])
+    np.testing.assert_allclose(steps, expected, atol=POSE_ATOL)
+    assert np.all(np.diff(steps[10:]) < 0) and np.all(steps > 0)  # easing is monotone, never reverses
+
+
+def test_a_key_freed_from_its_opposite_eases_in_with_the_press_time_constant():
+    # 'ws' cancels (velocity 0); dropping 's' presses nothing new, so forward eases towards full speed.
+    z = camera.action_string_to_c2w("ws-5,w-20")[:, 2, 3]
+    steps = np.diff(z.astype(np.float64))
+    np.testing.assert_allclose(steps[:5], 0.0, atol=POSE_ATOL)
+    np.testing.assert_allclose(steps[5:], SPEED * (1 - PRESS ** np.arange(1, 21)), atol=POSE_ATOL)
+    assert np.all(np.diff(steps[5:]) > 0)
+
+
+@pytest.mark.parametrize("action, sign", [("d-10", 1.0), ("a-10", -1.0)])
+def test_d_turns_right_and_a_turns_left_in_place(action, sign):
+    c2w = camera.action_string_to_c2w(action)
+    angle = sign * 10 * TURN
+    np.testing.assert_allclose(heading(c2w)[-1], [np.sin(angle), 0.0, np.cos(angle)], atol=POSE_ATOL)
+    np.testing.assert_allclose(c2w[:, :3, 3], 0.0, atol=POSE_ATOL)
+
+
+@pytest.mark.parametrize("action, sign", [("l-8", 1.0), ("j-8", -1.0)])
+def test_l_strafes_right_and_j_left_without_turning(action, sign):
+    c2w = camera.action_string_to_c2w(action)
+    np.testing.assert_allclose(c2w[-1, :3, 3], [sign * 8 * SPEED, 0.0, 0.0], atol=POSE_ATOL)
+    np.testing.assert_allclose(c2w[-1, :3, :3], np.eye(3), atol=POSE_ATOL)
+
+
+@pytest.mark.parametrize("action, sign", [("i-10", 1.0), ("k-10", -1.0)])
+def test_i_looks_up_and_k_looks_down(action, sign):
+    angle = sign * 10 * TURN  # +y is down, so looking up tilts the heading towards -y
+    np.testing.assert_allclose(heading(camera.action_string_to_c2w(action))[-1], [0.0, -np.sin(angle), np.cos(angle)],
+                               atol=POSE_ATOL)
+
+
+def test_pitch_saturates_at_the_limit_instead_of_skipping_the_step():
+    # 0.7 deg steps do not divide 60 deg: saturation stops at exactly 60, skipping would stop at 59.5.
+    c2w = camera.action_string_to_c2w("i-100,k-10", rotation_speed_deg=0.7)
+    np.testing.assert_allclose(heading(c2w)[100], [0.0, -np.sin(PITCH_LIMIT), np.cos(PITCH_LIMIT)], atol=POSE_ATOL)
+    back = PITCH_LIMIT - 10 * np.radians(0.7)
+    np.testing.assert_allclose(heading(c2w)[110], [0.0, -np.sin(back), np.cos(back)], atol=POSE_ATOL)
+
+
+def test_translation_follows_the_heading_on_the_horizontal_plane():
+    # Pressing w stops the turn at once (a new key snaps every component to its target), so the walk is straight.
+    yawed = camera.action_string_to_c2w("d-50,w-20")
+    angle = 50 * TURN
+    np.testing.assert_allclose(yawed[-1, :3, 3], 20 * SPEED * np.array([np.sin(angle), 0.0, np.cos(angle)]),
+                               atol=POSE_ATOL)
+    pitched = camera.action_string_to_c2w("i-20,w-10")
+    np.testing.assert_allclose(pitched[-1, :3, 3], [0.0, 0.0, 10 * SPEED], atol=POSE_ATOL)
+
+
+def test_combined_keys_act_together():
+    c2w = camera.action_string_to_c2w("jw-24")
+    np.testing.assert_allclose(c2w[-1, :3, 3], 24 * SPEED * np.array([-1.0, 0.0, 1.0]), atol=POSE_ATOL)
+    np.testing.assert_allclose(c2w[-1, :3, :3], np.eye(3), atol=POSE_ATOL)
+
+
+def test_none_holds_the_camera_still_from_rest():
+    c2w = camera.action_string_to_c2w("none-8,w-2")
+    np.testing.assert_array_equal(c2w[:9], np.tile(np.eye(4), (9, 1, 1)))
+    assert c2w[10, 2, 3] > 0
+
+
+def test_speeds_scale_translation_and_rotation():
+    action = "dw-10,none-5,il-6"
+    base = camera.action_string_to_c2w(action)
+    fast = camera.action_string_to_c2w(action, translation_speed=2 * SPEED)
+    np.testing.assert_allclose(fast[:, :3, 3], 2 * base[:, :3, 3], atol=POSE_ATOL)
+    turned = camera.action_string_to_c2w("d-10", rotation_speed_deg=1.2)
+    angle = 10 * 2 * TURN
+    np.testing.assert_allclose(heading(turned)[-1], [np.sin(angle), 0.0, np.cos(angle)], atol=POSE_ATOL)
+
+
+def test_action_conventions_reject_unknown_names_and_bad_speeds():
+    with pytest.raises(ValueError, match="unknown action convention 'wasd'; choose from sana_wm, diffusers"):
+        camera.action_string_to_c2w("w-4", convention="wasd")
+    with pytest.raises(ValueError, match="translation_speed must be >= 0"):
+        camera.action_string_to_c2w("w-4", translation_speed=-1.0)
+    with pytest.raises(ValueError, match="must be finite"):
+        camera.action_string_to_c2w("w-4", rotation_speed_deg=float("nan"))
+
+
+def test_key_states_show_held_keys_and_the_coast_after_release():
+    levels, look = camera.action_key_states("w-3,none-2,d-2,i-1")
+    w, d, i = (camera.ACTION_KEYS.index(key) for key in "wdi")
+    assert levels.shape == (9, 8) and look.shape == (9, 2) and levels.dtype == np.float32
+    np.testing.assert_array_equal(levels[0], 0.0)  # the first pose: nothing pressed yet
+    np.testing.assert_array_equal(levels[1:4, w], 1.0)
+    np.testing.assert_allclose(levels[4:6, w], COAST ** np.arange(1, 3), rtol=1e-6)
+    np.testing.assert_array_equal(levels[6:8, d], 1.0)
+    np.testing.assert_array_equal(levels[6:8, w], 0.0)  # pressing d snapped the forward motion to rest
+    assert np.count_nonzero(levels[1:4]) == 3 and np.count_nonzero(levels[6:8]) == 2
+    np.testing.assert_array_equal(look[6:8], [[1.0, 0.0], [1.0, 0.0]])  # d: yaw right
+    np.testing.assert_array_equal(look[8], [0.0, 1.0])  # pressing i: pitch up, and the yaw snapped to rest
+
+
+def test_key_states_look_is_the_turn_of_the_roll_out():
+    action = "aw-6,none-10,d-4,dk-3,none-7"
+    forward = heading(camera.action_string_to_c2w(action)).astype(np.float64)
+    yaw, pitch = np.arctan2(forward[:, 0], forward[:, 2]), -np.arcsin(forward[:, 1])  # R = rot_y(yaw) rot_x(pitch)
+    _, look = camera.action_key_states(action)
+    assert np.abs(look).max() == 1.0 and np.count_nonzero(look) > 20
+    np.testing.assert_allclose(np.diff(yaw), look[1:, 0] * TURN, atol=POSE_ATOL)
+    np.testing.assert_allclose(np.diff(pitch), look[1:, 1] * TURN, atol=POSE_ATOL)
+
+
+def test_diffusers_key_states_are_the_held_keys():
+    levels, look = camera.action_key_states("w-2,none-1,l-1", convention="diffusers")
+    np.testing.assert_array_equal(levels[3], 0.0)  # no coasting without easing
+    np.testing.assert_array_equal(look[4], [1.0, 0.0])  # l is yaw right in the diffusers mapping
 
 
 def test_snap_num_frames_matches_diffusers():
