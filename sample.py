@@ -1,7 +1,7 @@
 """Generate a video from an image, a prompt and a camera path with SANA-WM (stage 1) in JAX.
 
     python sample.py --out demo.mp4                          # embedded tiny models, bundled image, no downloads
-    python sample.py --checkpoint ckpt --image first.png --prompt "..." --action w-40,jw-24,l-16 \
+    python sample.py --checkpoint ckpt --image first.png --prompt "..." --action w-40,aw-24,d-16 \
         --intrinsics 640,640,640,352 --num-frames 81 --out video.mp4
 
 Writes the mp4 (16 fps, H.264), `<stem>.latents.npz` and `<stem>.trajectory.npz` next to it. --checkpoint is a
@@ -21,7 +21,7 @@ from sanawm_jax.diffusion.scheduler import SamplerConfig
 from sanawm_jax.generate import WorldModel, camera_path, load_image, write_outputs
 from sanawm_jax.models.gemma.encoder import load_embeddings_npz
 
-DEMO_DEFAULTS = {"action": "w-8,jw-8", "num_frames": 17, "steps": 4, "prompt": "A quiet room with colourful objects"}
+DEMO_DEFAULTS = {"action": "w-8,aw-8", "num_frames": 17, "steps": 4, "prompt": "A quiet room with colourful objects"}
 
 
 def parse_intrinsics(value: str) -> np.ndarray:
@@ -43,8 +43,17 @@ def parse_args(argv=None):
     parser.add_argument("--negative-prompt", default="", help="negative prompt (encoded without the instruction prefix)")
     parser.add_argument("--embeddings", help=".npz of precomputed prompt embeddings (instead of the text encoder)")
     path = parser.add_mutually_exclusive_group()
-    path.add_argument("--action", help="action string, e.g. w-40,jw-24,l-16 (w/s/a/d move, i/k/j/l look)")
+    path.add_argument("--action", help="action string '<keys>-<frames>,...', e.g. w-40,aw-24,none-8: w/s forward/"
+                                       "back, a/d turn, i/k look up/down, j/l strafe (eased, as the released CLI)")
     path.add_argument("--c2w", help=".npy of camera-to-world poses (F, 4, 4), OpenCV axes")
+    parser.add_argument("--action-convention", default="sana_wm", choices=list(camera.ACTION_CONVENTIONS),
+                        help="key mapping of --action: sana_wm (released CLI) or diffusers (a/d strafe, j/l turn)")
+    parser.add_argument("--translation-speed", type=float,
+                        help="--action distance per frame (default: 0.025 sana_wm, 0.05 diffusers)")
+    parser.add_argument("--rotation-speed-deg", type=float,
+                        help="--action degrees per frame (default: 0.6 sana_wm, 1.2 diffusers)")
+    parser.add_argument("--no-action-overlay", action="store_true",
+                        help="leave the WASD + joystick overlay off the mp4 (the .npz outputs never have it)")
     parser.add_argument("--intrinsics", help="fx,fy,cx,cy in input-image pixels, or a .npy")
     parser.add_argument("--num-frames", type=int, help="pixel frames, 8k+1 (default: 961 = 60 s; demo: 17)")
     parser.add_argument("--steps", type=int, help="denoising steps (default 60; demo: 4)")
@@ -82,7 +91,9 @@ def main(argv=None):
     image, source_size = load_image(image_path, target_size)
     c2w = None if args.c2w is None else np.load(args.c2w)
     c2w, intrinsics = camera_path(args.num_frames or 961, source_size, target_size, intrinsics=intrinsics,
-                                  action=args.action, c2w=c2w)
+                                  action=args.action, c2w=c2w, action_convention=args.action_convention,
+                                  translation_speed=args.translation_speed,
+                                  rotation_speed_deg=args.rotation_speed_deg)
     sampler = SamplerConfig(num_steps=args.steps or 60, guidance_scale=args.cfg, shift=args.shift)
 
     if args.checkpoint is None:
@@ -96,7 +107,8 @@ def main(argv=None):
     else:
         text = world.encode_prompt(args.prompt, args.negative_prompt, cfg=sampler.uses_guidance)
     result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
-    for kind, path in write_outputs(args.out, result).items():
+    for kind, path in write_outputs(args.out, result, action=args.action, action_convention=args.action_convention,
+                                    action_overlay=not args.no_action_overlay).items():
         print(f"{kind}: {path}")
 
 

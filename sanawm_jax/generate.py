@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sanawm_jax import camera, pipeline
+from sanawm_jax import camera, overlay, pipeline
 from sanawm_jax.checkpoint import store
 from sanawm_jax.data.video import DEFAULT_FPS, write_video
 from sanawm_jax.diffusion.sampler import initial_noise, sample
@@ -45,9 +45,13 @@ def load_image(path, target_size: tuple[int, int] = camera.TARGET_SIZE) -> tuple
 
 
 def camera_path(num_frames: int, source_size, target_size, *, intrinsics, action: str | None = None,
-                c2w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                c2w: np.ndarray | None = None, action_convention: str = "sana_wm",
+                translation_speed: float | None = None,
+                rotation_speed_deg: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `num_frames` poses of an action string or a c2w array (F, 4, 4), with intrinsics ((3,3), (F,3,3),
     (4,) or (F,4) [fx, fy, cx, cy] in source-image pixels) mapped onto the resized and cropped target image.
+    An action string is rolled out by `camera.action_string_to_c2w` with the convention and speeds given (None: the
+    convention's defaults).
 
     Returns (c2w (num_frames, 4, 4), intrinsics (num_frames, 4) in target pixels).
     """
@@ -57,7 +61,12 @@ def camera_path(num_frames: int, source_size, target_size, *, intrinsics, action
         lower = camera.snap_num_frames(num_frames)
         raise ValueError(f"num_frames must be 8k+1 (latent frames are 8 pixel frames apart); got {num_frames}, "
                          f"use {lower} or {lower + 8}")
-    trajectory = camera.action_string_to_c2w(action) if action is not None else np.asarray(c2w, np.float32)
+    if action is not None:
+        trajectory = camera.action_string_to_c2w(action, convention=action_convention,
+                                                 translation_speed=translation_speed,
+                                                 rotation_speed_deg=rotation_speed_deg)
+    else:
+        trajectory = np.asarray(c2w, np.float32)
     if trajectory.ndim != 3 or trajectory.shape[1:] != (4, 4):
         raise ValueError(f"c2w trajectory must be (F, 4, 4), got {trajectory.shape}")
     if len(trajectory) < num_frames:
@@ -143,9 +152,11 @@ class WorldModel:
         return (1, self.vae_config.num_pixel_frames(num_latent_frames), *self.target_size, 3)
 
 
-def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS) -> dict[str, Path]:
+def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, action: str | None = None,
+                  action_convention: str = "sana_wm", action_overlay: bool = True) -> dict[str, Path]:
     """`<path>` (H.264 mp4), `<stem>.latents.npz` (latents (T, h, w, C)) and `<stem>.trajectory.npz` (c2w,
-    intrinsics in target pixels, fps) beside it."""
+    intrinsics in target pixels, fps) beside it. With the `action` string the video followed and `action_overlay`,
+    the mp4 shows the WASD + joystick overlay of `overlay.draw_action_overlay`; the .npz files stay clean."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outputs = {
@@ -153,7 +164,11 @@ def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS) -> d
         "latents": path.with_name(f"{path.stem}.latents.npz"),
         "trajectory": path.with_name(f"{path.stem}.trajectory.npz"),
     }
-    write_video(path, result.video, fps=fps, crf=18)
+    video = result.video
+    if action is not None and action_overlay:
+        key_levels, look = camera.action_key_states(action, convention=action_convention)
+        video = overlay.draw_action_overlay(video, key_levels[: len(video)], look[: len(video)])
+    write_video(path, video, fps=fps, crf=18)
     np.savez(outputs["latents"], latents=result.latents)
     np.savez(outputs["trajectory"], c2w=result.c2w, intrinsics=result.intrinsics, fps=np.float32(fps))
     return outputs
