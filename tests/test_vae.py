@@ -30,7 +30,6 @@ from sanawm_jax.models.ltx2_vae import (
 )
 from sanawm_jax.models.ltx2_vae.checkpoint import (
     convert_vae_state_dict,
-    flax_path,
     torch_key,
 )
 from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
@@ -146,14 +145,14 @@ def test_video_to_uint8_matches_diffusers_postprocessing():
     np.testing.assert_array_equal(video_to_uint8(video)[0], np.stack([np.asarray(frame) for frame in frames]))
 
 
-def test_weight_names_round_trip():
-    for key, ndim in [
-        ("encoder.down_blocks.2.resnets.0.conv1.conv.weight", 5),
-        ("decoder.up_blocks.1.conv_in.norm3.weight", 1),
-        ("decoder.up_blocks.1.upsamplers.0.conv.conv.bias", 1),
-        ("latents_std", 1),
+def test_weight_names_map_to_diffusers_keys():
+    for path, key in [
+        (("encoder", "down_blocks_2", "resnets_0", "conv1", "conv", "kernel"), "encoder.down_blocks.2.resnets.0.conv1.conv.weight"),
+        (("decoder", "up_blocks_1", "conv_in", "norm3", "scale"), "decoder.up_blocks.1.conv_in.norm3.weight"),
+        (("decoder", "up_blocks_1", "upsamplers_0", "conv", "conv", "bias"), "decoder.up_blocks.1.upsamplers.0.conv.conv.bias"),
+        (("latents_std",), "latents_std"),
     ]:
-        assert torch_key(flax_path(key, ndim)) == key
+        assert torch_key(path) == key
 
 
 def test_converter_reads_pipeline_root(oracle, converted, tmp_path):

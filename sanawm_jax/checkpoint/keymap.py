@@ -1,22 +1,60 @@
 """The conversion core every model's checkpoint map uses: PyTorch layouts -> Flax layouts, flat <-> nested
 parameter trees, and one strict mismatch report.
 
-Layout: Linear (out, in) -> (in, out); ConvNd (out, in, *k) -> (*k, in, out).
-Conversion is strict: every source tensor is used or known-unused, every parameter is filled, every shape matches.
+Layout: Linear (out, in) -> (in, out); ConvNd (out, in, *k) -> (*k, in, out); every other tensor keeps its layout.
+Naming: a model's map turns each Flax parameter path into the source key it is read from (`torch_name` does the part
+all models share). Conversion is strict: every source key is a parameter or known-unused, every parameter is filled,
+every shape matches, and all of it is checked from the headers before any tensor is read.
 """
 
 from __future__ import annotations
 
+import collections
+import re
+from collections.abc import Callable, Iterable
+
 import jax
 import numpy as np
 
+TORCH_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def flax_axes(ndim: int, leaf: str) -> tuple[int, ...]:
+    """The transpose taking a PyTorch tensor of `ndim` dims to the Flax layout of a parameter named `leaf`."""
+    if leaf != "kernel" or ndim < 2:
+        return tuple(range(ndim))
+    if ndim == 2:
+        return (1, 0)
+    return (*range(2, ndim), 1, 0)
+
 
 def to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf != "kernel":
-        return array
-    if array.ndim == 2:
-        return array.T
-    return array.transpose(*range(2, array.ndim), 1, 0)
+    return array.transpose(flax_axes(array.ndim, leaf))
+
+
+def flax_shape(torch_shape: Iterable[int], leaf: str) -> tuple[int, ...]:
+    torch_shape = tuple(torch_shape)
+    return tuple(torch_shape[axis] for axis in flax_axes(len(torch_shape), leaf))
+
+
+def torch_shape(flax_shape: Iterable[int], leaf: str) -> tuple[int, ...]:
+    """Inverse of `flax_shape`: the PyTorch shape of the tensor a Flax parameter is read from."""
+    flax_shape = tuple(flax_shape)
+    shape = [0] * len(flax_shape)
+    for position, axis in enumerate(flax_axes(len(flax_shape), leaf)):
+        shape[axis] = flax_shape[position]
+    return tuple(shape)
+
+
+def torch_name(path: tuple[str, ...], numbered: str = r"\w+?") -> str:
+    """("blocks_3", "attn", "qkv", "kernel") -> "blocks.3.attn.qkv.weight".
+
+    Flax leaves `kernel`/`scale`/`embedding` become `weight`; list entries `<name>_<i>` become `<name>.<i>` for the
+    names matching the regex `numbered` (every name by default).
+    """
+    *parents, leaf = path
+    parts = [re.sub(rf"^({numbered})_(\d+)$", r"\1.\2", part) for part in parents]
+    return ".".join([*parts, TORCH_LEAF_NAMES.get(leaf, leaf)])
 
 
 def flatten(tree: dict) -> dict[tuple[str, ...], object]:
@@ -33,55 +71,65 @@ def unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
     return tree
 
 
+def summarize_keys(keys: Iterable[str]) -> str:
+    """"pos_embed, blocks.N.attn.recall_gate (x20)": keys that differ only in their list indices are counted once."""
+    groups = collections.Counter(re.sub(r"(?<=\.)\d+(?=\.)", "N", key) for key in keys)
+    return ", ".join(name if count == 1 else f"{name} (x{count})" for name, count in sorted(groups.items()))
+
+
 class ConversionError(ValueError):
-    """A source checkpoint that does not match the model; the message lists every offending key."""
+    """A source checkpoint that does not match the model. The first line of the message sums the problems up and
+    names the first offending key; the lines after it list every offending key."""
 
 
 def raise_on_mismatch(source: str, target: str, missing, extra, mismatched):
-    """Raise one ConversionError listing every missing, unexpected and mis-shaped key, if there is any."""
+    """Raise one ConversionError naming every missing, unexpected and mis-shaped key, if there is any."""
     problems = [
-        (f"{len(missing)} missing key(s)", missing),
-        (f"{len(extra)} unexpected key(s)", extra),
-        (f"{len(mismatched)} shape mismatch(es)", mismatched),
+        ("missing key(s)", "missing", missing),
+        ("unexpected key(s)", "unexpected", extra),
+        ("shape mismatch(es)", "mis-shaped", mismatched),
     ]
-    if not any(items for _, items in problems):
+    found = [(title, kind, items) for title, kind, items in problems if items]
+    if not found:
         return
-    lines = [f"{source} does not match {target}:"]
-    for title, items in problems:
-        if items:
-            lines.append(f"  {title}:")
-            lines.extend(f"    {item}" for item in items)
+    counts = ", ".join(f"{len(items)} {title}" for title, _, items in found)
+    _, first_kind, first_items = found[0]
+    lines = [f"{source} does not match {target}: {counts}; first {first_kind}: {first_items[0]}"]
+    for title, _, items in found:
+        lines.append(f"  {len(items)} {title}:")
+        lines.extend(f"    {item}" for item in items)
     raise ConversionError("\n".join(lines))
 
 
-def convert_tensors(source, expected: dict, to_path, to_key, target: str, is_unused=lambda key: False,
-                    log=print) -> dict:
-    """Read every tensor of a `TensorSource` into the parameter slots `expected` ({path: ShapeDtypeStruct}).
+def convert_tensors(source, expected: dict, to_key: Callable[[tuple[str, ...]], str], target: str,
+                    is_unused: Callable[[str], bool] = lambda key: False, log=print) -> dict:
+    """Read the tensors of a `TensorSource` into the parameter slots `expected` ({path: ShapeDtypeStruct}).
 
-    `to_path(key, ndim)` names the slot of a source key and `to_key(path)` the key a slot is read from; tensors are
-    loaded one at a time, laid out for Flax (`to_flax_layout`) and cast to the slot's dtype. Any missing, unexpected
-    or mis-shaped key raises one ConversionError that lists them all; `is_unused` keys are skipped (and logged).
+    `to_key(path)` names the source key a slot is read from; source keys that are no slot's must satisfy `is_unused`
+    (they are skipped and listed in one log line). Names and shapes are all checked first: any missing, unexpected or
+    mis-shaped key raises one ConversionError. Tensors are then read one at a time, laid out for Flax
+    (`to_flax_layout`) and cast to the slot's dtype. Returns the nested params tree of numpy arrays.
     """
-    params: dict[tuple[str, ...], np.ndarray] = {}
-    unused, extra, mismatched = [], [], []
-    for key in source.keys():
-        if is_unused(key):
-            unused.append(key)
+    wanted = {to_key(path): path for path in expected}
+    present = set(source.keys())
+    missing = [f"{key} (for {'/'.join(path)})" for key, path in wanted.items() if key not in present]
+    unused = sorted(key for key in present - set(wanted) if is_unused(key))
+    extra = sorted(present - set(wanted) - set(unused))
+    mismatched = []
+    for key, path in wanted.items():
+        if key not in present:
             continue
         shape = tuple(source.shape(key))
-        path = to_path(key, len(shape))
-        if path not in expected:
-            extra.append(key)
-            continue
-        flax_shape = tuple(to_flax_layout(np.empty(shape, np.bool_), path[-1]).shape)
-        if flax_shape != tuple(expected[path].shape):
+        model_shape = tuple(expected[path].shape)
+        if flax_shape(shape, path[-1]) != model_shape:
             mismatched.append(
-                f"{key}: source {shape} -> {flax_shape}, model {'/'.join(path)} expects {tuple(expected[path].shape)}"
+                f"{key}: source {shape} -> {flax_shape(shape, path[-1])}, model {'/'.join(path)} expects {model_shape}"
             )
-            continue
-        params[path] = np.ascontiguousarray(to_flax_layout(source.load(key), path[-1])).astype(expected[path].dtype)
-    missing = [f"{to_key(path)} (for {'/'.join(path)})" for path in expected if path not in params]
     raise_on_mismatch(f"checkpoint {getattr(source, 'description', source)}", target, missing, extra, mismatched)
     if unused:
-        log(f"ignored {len(unused)} known-unused tensor(s): {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
+        log(f"not converted ({len(unused)} tensor(s) the model does not use): {summarize_keys(unused)}")
+    params = {}
+    for key, path in wanted.items():
+        array = to_flax_layout(source.load(key), path[-1])
+        params[path] = np.ascontiguousarray(array).astype(expected[path].dtype)
     return unflatten(params)

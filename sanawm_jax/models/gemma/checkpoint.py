@@ -3,20 +3,18 @@
 A folder holds `config.json` and either `model.safetensors` or shards listed by `model.safetensors.index.json`.
 Keys are those of `Gemma2ForCausalLM` (`model.layers.0.self_attn.q_proj.weight`, ...) or of a bare `Gemma2Model`
 (no `model.` prefix). Naming: `layers.N` -> `layers_N`, `weight` -> `kernel` (Linear, transposed from (out, in) to
-(in, out)), `scale` (norms) or `embedding` (`embed_tokens`). The language-model head is not part of the encoder.
-Conversion is strict: every parameter is filled, every shape matches, every other key is an error naming it.
+(in, out)), `scale` (norms) or `embedding` (`embed_tokens`). Conversion is strict (see `checkpoint.keymap`); the
+language-model head, which the encoder does not use, is the one known-unused tensor.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from sanawm_jax.checkpoint.keymap import flatten, raise_on_mismatch, unflatten
+from sanawm_jax.checkpoint.keymap import convert_tensors, flatten, torch_name
 from sanawm_jax.checkpoint.torch_sources import (
     SafetensorsSource,
     read_json,
@@ -29,7 +27,6 @@ HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 CAUSAL_LM_PREFIX = "model."
 KNOWN_UNUSED = ("lm_head.weight",)
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
 def open_hf_safetensors(folder: str | Path) -> SafetensorsSource:
@@ -59,43 +56,22 @@ def abstract_gemma2_params(config: Gemma2Config) -> dict:
 
 def hf_key(path: tuple[str, ...]) -> str:
     """("layers_3", "self_attn", "q_proj", "kernel") -> "layers.3.self_attn.q_proj.weight" (without prefix)."""
-    *parents, leaf = path
-    name = ".".join([*parents, LEAF_NAMES.get(leaf, leaf)])
-    return re.sub(r"^layers_(\d+)\.", r"layers.\1.", name)
+    return torch_name(path, numbered="layers")
 
 
-def convert_gemma2_params(source, config: Gemma2Config) -> dict:
+def convert_gemma2_params(source, config: Gemma2Config, log=print) -> dict:
     """Convert a `TensorSource` holding Gemma-2 weights into a params tree of numpy arrays in `config.param_dtype`.
 
     Keys and shapes are all checked before any tensor is read.
     """
-    keys = set(source.keys())
-    prefix = CAUSAL_LM_PREFIX if CAUSAL_LM_PREFIX + "embed_tokens.weight" in keys else ""
-    abstract = flatten(abstract_gemma2_params(config))
-    expected = {prefix + hf_key(path): (path, struct) for path, struct in abstract.items()}
-    missing = [f"{key} (for {'/'.join(path)})" for key, (path, _) in expected.items() if key not in keys]
-    extra = sorted(keys - set(expected) - set(KNOWN_UNUSED))
-    mismatched = []
-    for key, (path, struct) in expected.items():
-        if key in keys and flax_shape(source.shape(key), path[-1]) != tuple(struct.shape):
-            mismatched.append(
-                f"{key}: source {tuple(source.shape(key))}, model {'/'.join(path)} expects {tuple(struct.shape)}"
-            )
-    raise_on_mismatch(f"checkpoint {source.description}", "the Gemma-2 config", missing, extra, mismatched)
-    params = {}
-    for key, (path, struct) in expected.items():
-        array = source.load(key)
-        params[path] = np.ascontiguousarray(array.T if path[-1] == "kernel" else array).astype(struct.dtype)
-    return unflatten(params)
+    prefix = CAUSAL_LM_PREFIX if CAUSAL_LM_PREFIX + "embed_tokens.weight" in source.keys() else ""
+    expected = flatten(abstract_gemma2_params(config))
+    return convert_tensors(source, expected, lambda path: prefix + hf_key(path), "the Gemma-2 config",
+                           lambda key: key in KNOWN_UNUSED, log)
 
 
-def flax_shape(shape, leaf: str) -> tuple[int, ...]:
-    """Linear weights (out, in) become kernels (in, out); other tensors keep their shape."""
-    return tuple(shape)[::-1] if leaf == "kernel" else tuple(shape)
-
-
-def load_gemma2(folder: str | Path, *, param_dtype: str = "float32", dtype: str = "float32"):
+def load_gemma2(folder: str | Path, *, param_dtype: str = "float32", dtype: str = "float32", log=print):
     """Read a Hugging Face Gemma-2 folder -> (Gemma2Config, params tree of numpy arrays in `param_dtype`)."""
     source = open_hf_safetensors(folder)
     config = Gemma2Config.from_hf_config(source.config, param_dtype=param_dtype, dtype=dtype)
-    return config, convert_gemma2_params(source, config)
+    return config, convert_gemma2_params(source, config, log)

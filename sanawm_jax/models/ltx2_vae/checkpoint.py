@@ -3,17 +3,15 @@
 Naming: the Flax path is the diffusers key split at dots, with every numeric component joined to the one before it
 (`down_blocks.0.resnets.3` -> `down_blocks_0/resnets_3`), and `weight` -> `kernel` (convolutions) or `scale`
 (LayerNorm). `latents_mean` / `latents_std` are checkpoint buffers and become top-level parameters.
-Layout: Conv3d (out, in, kt, kh, kw) -> (kt, kh, kw, in, out).
-Conversion is strict: every source tensor is used, every parameter is filled, every shape matches; the error lists
-every offending key. BF16 tensors on disk are widened exactly to float32, then cast to `config.param_dtype`.
+Layout: Conv3d (out, in, kt, kh, kw) -> (kt, kh, kw, in, out). Conversion is strict (see `checkpoint.keymap`).
+BF16 tensors on disk are widened exactly to float32, then cast to `config.param_dtype`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from sanawm_jax.checkpoint.keymap import convert_tensors, flatten
+from sanawm_jax.checkpoint.keymap import convert_tensors, flatten, torch_name
 from sanawm_jax.checkpoint.torch_sources import TensorSource, open_torch_checkpoint
 from sanawm_jax.models.ltx2_vae.config import VAEConfig
 from sanawm_jax.models.ltx2_vae.model import abstract_vae_params
@@ -21,25 +19,15 @@ from sanawm_jax.models.ltx2_vae.model import abstract_vae_params
 DIFFUSERS_CLASS = "AutoencoderKLLTX2Video"
 
 
-def flax_path(torch_key: str, ndim: int) -> tuple[str, ...]:
-    """`decoder.up_blocks.1.conv_in.norm3.weight` (1-D) -> ("decoder", "up_blocks_1", "conv_in", "norm3", "scale")."""
-    *parents, leaf = re.sub(r"\.(\d+)(?=\.)", r"_\1", torch_key).split(".")
-    if leaf == "weight":
-        leaf = "kernel" if ndim >= 2 else "scale"
-    return (*parents, leaf)
-
-
 def torch_key(path: tuple[str, ...]) -> str:
-    """Inverse of `flax_path`: the source key a parameter is read from."""
-    *parents, leaf = path
-    name = ".".join([*parents, "weight" if leaf in ("kernel", "scale") else leaf])
-    return re.sub(r"_(\d+)(?=\.)", r".\1", name)
+    """("decoder", "up_blocks_1", "conv_in", "norm3", "scale") -> "decoder.up_blocks.1.conv_in.norm3.weight"."""
+    return torch_name(path)
 
 
 def convert_vae_state_dict(source: TensorSource, config: VAEConfig) -> dict:
     """Convert a `TensorSource` into a params tree of numpy arrays, reading one tensor at a time."""
     expected = flatten(abstract_vae_params(config))
-    return convert_tensors(source, expected, flax_path, torch_key, "the VAE config")
+    return convert_tensors(source, expected, torch_key, "the VAE config")
 
 
 def convert_vae(src: str | Path, **policy) -> tuple[VAEConfig, dict]:
