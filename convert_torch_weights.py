@@ -1,33 +1,34 @@
 """Convert released PyTorch SANA-WM weights into a sanawm-jax checkpoint directory.
 
     python convert_torch_weights.py SRC OUT_DIR [--config PRESET|config.json] [--vae DIR] [--text-encoder DIR]
-                                                [--tokenizer DIR]
+                                                [--tokenizer DIR] [--debug]
 
-SRC is the DiT: a diffusers pipeline root (its transformer/, vae/, text_encoder/ and tokenizer/ are all converted),
-a diffusers transformer folder, an NVlabs flat .safetensors, or a torch pickle ({"generator"|"state_dict"|"model":
-state_dict}, optional "model." prefix). --vae takes a diffusers AutoencoderKLLTX2Video folder, --text-encoder a
-Hugging Face Gemma-2 folder (tokenizer files in it or in --tokenizer). OUT_DIR gets transformer/, vae/, text_encoder/.
+SRC is the bidirectional DiT: a diffusers pipeline root (its transformer/, vae/, text_encoder/ and tokenizer/ are all
+converted), a diffusers transformer folder, the NVlabs flat .safetensors (dit/sana_wm_1600m_720p.safetensors), or a
+torch pickle ({"state_dict"|"model"|"generator": state_dict}, optional "model." prefix). --vae takes a diffusers
+AutoencoderKLLTX2Video folder, --text-encoder a Hugging Face Gemma-2 folder (tokenizer files in it or in --tokenizer).
+OUT_DIR gets transformer/ (with the null caption embedding of an NVlabs file), vae/ and text_encoder/; it is written
+only when every component converted. Bad input is one `error:` line and exit code 2.
 """
 
-import argparse
-
+from sanawm_jax import cli
 from sanawm_jax.models.sana_wm.config import get_config
 from sanawm_jax.pipeline import convert_pipeline
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("src", help="DiT source (pipeline root, transformer folder, .safetensors, .pt/.pth/.bin)")
-    parser.add_argument("out_dir", help="output checkpoint directory")
+    parser.add_argument("out_dir", help="output checkpoint directory (must not exist, or be empty)")
     parser.add_argument("--config", help="DiT preset name or JSON config (required when SRC has no config.json)")
     parser.add_argument("--vae", help="diffusers LTX-2 VAE folder")
     parser.add_argument("--text-encoder", help="Hugging Face Gemma-2 folder")
     parser.add_argument("--tokenizer", help="folder with the Gemma tokenizer files (default: the text encoder's)")
     args = parser.parse_args(argv)
     config = get_config(args.config) if args.config else None
-    convert_pipeline(args.src, args.out_dir, config, vae=args.vae, text_encoder=args.text_encoder,
-                     tokenizer=args.tokenizer)
+    return convert_pipeline(args.src, args.out_dir, config, vae=args.vae, text_encoder=args.text_encoder,
+                            tokenizer=args.tokenizer)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,6 +1,6 @@
 """Whole-pipeline checkpoints: the DiT, the LTX-2 VAE and the Gemma-2 text encoder (with its tokenizer) converted
 from their released PyTorch/Hugging Face files into one directory of our format (see `checkpoint.store`), and loaded
-back."""
+back (`load_transformer`, `load_vae`, `load_text_encoder`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ from sanawm_jax.models.gemma.encoder import TextEncoder, load_tokenizer
 from sanawm_jax.models.gemma.gemma2 import Gemma2Config
 from sanawm_jax.models.ltx2_vae import VAEConfig, abstract_vae_params, convert_vae
 from sanawm_jax.models.sana_wm.checkpoint import (
+    NULL_CAPTION_FILE,
     TRANSFORMER_DIR,
+    check_bidirectional_dit,
     convert_state_dict,
+    detect_layout,
+    load_transformer,
+    read_null_caption_embedding,
     save_transformer,
 )
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
@@ -26,51 +31,70 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json")
 
 
+__all__ = ["convert_pipeline", "load_text_encoder", "load_transformer", "load_vae"]
+
+
 def _present(folder: Path | None) -> Path | None:
     return folder if folder is not None and folder.is_dir() else None
+
+
+def _given(folder, what: str) -> Path:
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such {what} folder")
+    return Path(folder)
 
 
 def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=None, text_encoder=None,
                      tokenizer=None, log=print) -> Path:
     """Convert a released SANA-WM pipeline into `out_dir/{transformer,vae,text_encoder}`.
 
-    src: the DiT (a diffusers pipeline root or transformer folder, an NVlabs .safetensors, or a torch pickle).
+    src: the bidirectional DiT (a diffusers pipeline root or transformer folder, an NVlabs .safetensors, or a torch
+    pickle); released checkpoints of other kinds (chunk-causal or streaming DiT, refiner) are refused by name.
     vae / text_encoder / tokenizer: folders of the other components; by default the `vae/`, `text_encoder/` and
     `tokenizer/` subfolders of a pipeline root `src`, when present. Components that are not found are skipped (and
     said so); the DiT is always converted. The DiT config comes from `config`, else from the source's config.json.
+    Everything is written into a temporary sibling of `out_dir` that becomes `out_dir` only when all succeeded.
     """
-    src, out_dir = Path(src), Path(out_dir)
+    src = Path(src)
     source = open_torch_checkpoint(src)
+    check_bidirectional_dit(source)
     if config is None:
         if source.config is None:
             raise ValueError(f"{source.description} carries no config.json: pass a config (e.g. --config sana_wm_2.6b)")
         config = SanaWMConfig.from_diffusers_config(source.config)
-    log(f"transformer: converting {source.description} ({len(source.keys())} tensors)")
-    save_transformer(out_dir / TRANSFORMER_DIR, convert_state_dict(source, config, log=log), config)
-
     root = src if src.is_dir() else None
-    vae = _present(Path(vae)) if vae else _present(root and root / VAE_DIR)
-    if vae is None:
-        log("vae: no folder given or found, skipped")
-    else:
-        vae_config, vae_params = convert_vae(vae)
-        log(f"vae: converted {vae}")
-        store.save_params(out_dir / VAE_DIR, vae_params, vae_config.to_dict())
+    vae = _given(vae, "VAE") if vae else _present(root and root / VAE_DIR)
+    text_encoder = _given(text_encoder, "text encoder") if text_encoder else _present(root and root / TEXT_ENCODER_DIR)
+    tokenizer = _given(tokenizer, "tokenizer") if tokenizer else _present(root and root / TOKENIZER_DIR) or text_encoder
+    with store.staged_directory(out_dir) as staging:
+        log(f"transformer: converting {source.description} ({len(source.keys())} tensors, "
+            f"{detect_layout(source.keys())} layout)")
+        params = convert_state_dict(source, config, log=log)
+        null_caption = read_null_caption_embedding(source, config)
+        save_transformer(staging / TRANSFORMER_DIR, params, config, null_caption)
+        if null_caption is not None:
+            log(f"transformer: kept the null caption embedding {null_caption.shape} ({NULL_CAPTION_FILE})")
 
-    text_encoder = _present(Path(text_encoder)) if text_encoder else _present(root and root / TEXT_ENCODER_DIR)
-    if text_encoder is None:
-        log("text encoder: no folder given or found, skipped")
-    else:
-        tokenizer = Path(tokenizer) if tokenizer else _present(root and root / TOKENIZER_DIR) or text_encoder
-        load_tokenizer(tokenizer)  # fail before writing anything if the tokenizer is unusable
-        gemma_config, gemma_params = load_gemma2(text_encoder)
-        target = out_dir / TEXT_ENCODER_DIR
-        store.save_params(target, gemma_params, gemma_config.to_dict())
-        for pattern in TOKENIZER_FILE_PATTERNS:
-            for path in tokenizer.glob(pattern):
-                shutil.copy2(path, target / path.name)
-        log(f"text encoder: converted {text_encoder} (tokenizer from {tokenizer})")
-    log(f"wrote {out_dir.absolute()}")
+        if vae is None:
+            log("vae: no folder given or found, skipped")
+        else:
+            vae_config, vae_params = convert_vae(vae)
+            log(f"vae: converted {vae}")
+            store.save_params(staging / VAE_DIR, vae_params, vae_config.to_dict())
+
+        if text_encoder is None:
+            log("text encoder: no folder given or found, skipped")
+        else:
+            load_tokenizer(tokenizer)  # fail before converting if the tokenizer is unusable
+            gemma_config, gemma_params = load_gemma2(text_encoder, log=log)
+            target = staging / TEXT_ENCODER_DIR
+            store.save_params(target, gemma_params, gemma_config.to_dict())
+            for pattern in TOKENIZER_FILE_PATTERNS:
+                for path in tokenizer.glob(pattern):
+                    shutil.copy2(path, target / path.name)
+            log(f"text encoder: converted {text_encoder} (tokenizer from {tokenizer})")
+    out_dir = Path(out_dir).absolute()
+    log(f"wrote {out_dir}")
     return out_dir
 
 

@@ -1,10 +1,12 @@
-"""The converter reads all three released layouts (written here by the tests), is strict about keys and shapes, and
-its output restores through `load_transformer`."""
+"""The converter reads the released layouts (written here by the tests), is strict about keys and shapes, refuses
+released checkpoints of other kinds by name, fails as one line with exit code 2 leaving no output behind, and its
+output restores through `load_transformer`, which names the first parameter of a checkpoint of another config."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 
 import jax
 import numpy as np
@@ -13,15 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 import convert_torch_weights
-from sanawm_jax import load_transformer
-from sanawm_jax.checkpoint.keymap import ConversionError
+from sanawm_jax import abstract_params, cli, load_transformer
+from sanawm_jax.checkpoint import store
+from sanawm_jax.checkpoint.keymap import ConversionError, flatten
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.models.sana_wm.checkpoint import (
-    convert_state_dict,
-    flax_path,
-    torch_key,
-)
-from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.checkpoint import convert_state_dict
+from sanawm_jax.models.sana_wm.config import PRESETS, SanaWMConfig
 
 
 @pytest.fixture(scope="module")
@@ -49,28 +48,14 @@ def write_diffusers_folder(oracle, folder):
     return folder
 
 
-def write_nvlabs_file(oracle, path, hidden_size):
-    state = {k: v.contiguous() for k, v in oracle.state_dict().items()}
-    state["pos_embed"] = torch.zeros(1, 484, hidden_size)
-    save_file(state, str(path))
+def write_flat_file(oracle, path):
+    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(path))
     return path
 
 
 def write_torch_pickle(oracle, path):
     torch.save({"generator": {f"model.{k}": v for k, v in oracle.state_dict().items()}, "step": 7}, path)
     return path
-
-
-def test_weight_names_round_trip():
-    for key, ndim in [
-        ("blocks.3.attn.qkv.weight", 2),
-        ("blocks.0.mlp.inverted_conv.conv.bias", 1),
-        ("t_block.1.weight", 2),
-        ("y_embedder.y_proj.fc2.weight", 2),
-        ("attention_y_norm.weight", 1),
-        ("blocks.1.attn.conv_k.weight", 3),
-    ]:
-        assert torch_key(flax_path(key, ndim)) == key
 
 
 def test_diffusers_sharded_folder_round_trips(oracle_fp32, expected_params, tmp_path):
@@ -83,9 +68,9 @@ def test_diffusers_sharded_folder_round_trips(oracle_fp32, expected_params, tmp_
     assert_trees_equal(params, expected_params)
 
 
-def test_nvlabs_safetensors_round_trips(oracle_fp32, expected_params, tmp_path):
+def test_flat_safetensors_with_diffusers_names_round_trips(oracle_fp32, expected_params, tmp_path):
     oracle, diffusers_config = oracle_fp32
-    path = write_nvlabs_file(oracle, tmp_path / "sana_wm.safetensors", diffusers_config["hidden_size"])
+    path = write_flat_file(oracle, tmp_path / "sana_wm.safetensors")
     (tmp_path / "tiny.json").write_text(json.dumps(diffusers_config))
     convert_torch_weights.main([str(path), str(tmp_path / "out"), "--config", str(tmp_path / "tiny.json")])
     _, params = load_transformer(tmp_path / "out")
@@ -101,8 +86,8 @@ def test_torch_pickle_round_trips(oracle_fp32, expected_params, tmp_path):
 
 
 def test_files_without_config_need_one(oracle_fp32, tmp_path):
-    oracle, diffusers_config = oracle_fp32
-    path = write_nvlabs_file(oracle, tmp_path / "w.safetensors", diffusers_config["hidden_size"])
+    oracle, _ = oracle_fp32
+    path = write_flat_file(oracle, tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="carries no config.json"):
         convert_torch_weights.main([str(path), str(tmp_path / "out")])
 
@@ -132,7 +117,7 @@ def test_mismatched_checkpoint_names_the_key(oracle_fp32, tmp_path, edit, messag
     torch.save(state, tmp_path / "broken.pt")
     with pytest.raises(ConversionError, match=message):
         convert_torch_weights.main([str(tmp_path / "broken.pt"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
-    assert not (tmp_path / "out").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["broken.pt"]  # no output, no partial staging folder
 
 
 def test_load_places_params_with_the_requested_sharding(oracle_fp32, tmp_path):
@@ -143,3 +128,185 @@ def test_load_places_params_with_the_requested_sharding(oracle_fp32, tmp_path):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     _, params = load_transformer(tmp_path / "out", sharding=replicated)
     assert {leaf.sharding for leaf in jax.tree.leaves(params)} == {replicated}
+
+
+def run_cli(argv, capsys) -> tuple[int, list[str]]:
+    """Run convert_torch_weights as its command line does; returns (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as exited:
+        cli.run(convert_torch_weights.main, [str(arg) for arg in argv])
+    return exited.value.code, capsys.readouterr().err.splitlines()
+
+
+def corrupt_safetensors(oracle, folder):
+    good = write_flat_file(oracle, folder / "good.safetensors").read_bytes()
+    (folder / "dit.safetensors").write_bytes(good[: len(good) // 2])
+    return [folder / "dit.safetensors", "--config", "sana_wm_tiny"]
+
+
+def pickle_without_config(oracle, folder):
+    torch.save(dict(oracle.state_dict()), folder / "model.pt")
+    return [folder / "model.pt"]
+
+
+def output_not_empty(oracle, folder):
+    (folder.parent / "out").mkdir()
+    (folder.parent / "out" / "keep.txt").write_text("mine")
+    return [write_torch_pickle(oracle, folder / "model.pt"), "--config", "sana_wm_tiny"]
+
+
+def unknown_config(oracle, folder):
+    return [write_torch_pickle(oracle, folder / "model.pt"), "--config", "sana_wm_huge"]
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda oracle, folder: [folder / "missing.safetensors"], "missing.safetensors: no such checkpoint"),
+        (corrupt_safetensors, "dit.safetensors: truncated safetensors file"),
+        (pickle_without_config, "carries no config.json: pass a config"),
+        (output_not_empty, "already exists and is not empty"),
+        (unknown_config, "unknown config 'sana_wm_huge'"),
+    ],
+    ids=["missing-path", "corrupt-safetensors", "pickle-without-config", "output-not-empty", "unknown-config"],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(oracle_fp32, tmp_path, capsys, make_input, message):
+    oracle, _ = oracle_fp32
+    (tmp_path / "in").mkdir()
+    argv = make_input(oracle, tmp_path / "in")
+    out = tmp_path / "out"
+    before = sorted(tmp_path.rglob("*"))
+    code, lines = run_cli([argv[0], out, *argv[1:]], capsys)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing left half-written
+
+
+def test_mismatch_error_sums_up_on_its_first_line(oracle_fp32, tmp_path, capsys):
+    oracle, _ = oracle_fp32
+    state = dict(oracle.state_dict())
+    del state["blocks.2.attn.k_proj_cam.bias"]
+    state["final_layer.linear.weight"] = torch.zeros(5, 64)
+    torch.save(state, tmp_path / "broken.pt")
+    code, lines = run_cli([tmp_path / "broken.pt", tmp_path / "out", "--config", "sana_wm_tiny"], capsys)
+    assert code == 2
+    assert "1 missing key(s), 1 shape mismatch(es); first missing: blocks.2.attn.k_proj_cam.bias" in lines[0]
+    assert any("final_layer.linear.weight: source (5, 64)" in line for line in lines[1:])
+    assert [path.name for path in tmp_path.iterdir()] == ["broken.pt"]
+
+
+def folder_of_class(class_name, subfolder=""):
+    def make(oracle, folder):
+        model_dir = folder / "release" / subfolder
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text(json.dumps({"_class_name": class_name}))
+        save_file({"weight": torch.zeros(2)}, str(model_dir / "diffusion_pytorch_model.safetensors"))
+        return [folder / "release"]
+    return make
+
+
+def streaming_pickle(oracle, folder):
+    state = {f"model.{k}": v for k, v in oracle.state_dict().items()}
+    torch.save({"generator": state, "critic": state, "step": 9, "denoising_step_list": [1000, 960, 889, 727, 0]},
+               folder / "model.pt")
+    return [folder / "model.pt", "--config", "sana_wm_tiny"]
+
+
+def nvlabs_repo(model_section, file_name="sana_wm_1600m_720p.safetensors"):
+    def make(oracle, folder):
+        (folder / "repo" / "dit").mkdir(parents=True)
+        if model_section is not None:
+            (folder / "repo" / "config.yaml").write_text(json.dumps({"model": model_section}))  # JSON is YAML
+        return [write_flat_file(oracle, folder / "repo" / "dit" / file_name), "--config", "sana_wm_tiny"]
+    return make
+
+
+def diffusers_config_with(**fields):
+    def make(oracle, folder):
+        oracle.save_pretrained(folder / "transformer")
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        (folder / "transformer" / "config.json").write_text(json.dumps({**config, **fields}))
+        return [folder / "transformer"]
+    return make
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (streaming_pickle, "is a SANA-WM streaming checkpoint (model.pt with generator/critic); converting it is not"),
+        (folder_of_class("SanaWMLTX2RefinerTransformer3DModel"), "is a SANA-WM stage-2 refiner transformer folder"),
+        (folder_of_class("SanaWMLTX2RefinerTransformer3DModel", "transformer"), "refiner transformer folder"),
+        (folder_of_class("LTX2TextConnectors"), "is a SANA-WM refiner text-connector folder"),
+        (folder_of_class("AutoencoderKLLTX2Video"), "is an LTX-2 video VAE folder"),
+        (nvlabs_repo({"attn_type": "ChunkCausalGDNTriton", "chunk_size": 3}),
+         "is a SANA-WM chunk-causal DiT checkpoint (by its config.yaml); converting it is not supported yet"),
+        (nvlabs_repo({"model": "SanaMSVideoCamCtrlStreaming_1600M_P1_D20", "ffn_type": "CachedGLUMBConvTemp"}),
+         "is a SANA-WM streaming DiT checkpoint (by its config.yaml)"),
+        (nvlabs_repo(None, "sana_wm_chunk_causal_1600m_720p.safetensors"),
+         "is a SANA-WM chunk-causal DiT checkpoint (by file name)"),
+        (diffusers_config_with(chunk_size=3), "is a SANA-WM chunk-causal DiT checkpoint (by config.json)"),
+    ],
+    ids=["streaming-model-pt", "refiner", "refiner-root", "connectors", "vae", "chunk-causal-yaml", "streaming-yaml",
+         "chunk-causal-name", "chunk-causal-diffusers"],
+)
+def test_other_architectures_are_refused_by_name(oracle_fp32, tmp_path, capsys, make_input, message):
+    oracle, _ = oracle_fp32
+    (tmp_path / "in").mkdir()
+    argv = make_input(oracle, tmp_path / "in")
+    code, lines = run_cli([argv[0], tmp_path / "out", *argv[1:]], capsys)
+    assert code == 2
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_bidirectional_config_yaml_beside_the_file_is_accepted(oracle_fp32, expected_params, tmp_path):
+    oracle, _ = oracle_fp32
+    released = {"model": "SanaMSVideoCamCtrl_1600M_P1_D20", "attn_type": "BidirectionalGDNTriton",
+                "camctrl_type": "BidirectionalGDNUCPESinglePathLiteLABothTriton", "ffn_type": "GLUMBConvTemp"}
+    argv = nvlabs_repo(released)(oracle, tmp_path)
+    convert_torch_weights.main([str(argv[0]), str(tmp_path / "out"), *argv[1:]])
+    assert_trees_equal(load_transformer(tmp_path / "out")[1], expected_params)
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": 96}, {"num_layers": 2}], ids=["width", "depth"])
+def test_checkpoint_of_another_config_names_the_first_mismatching_parameter(oracle_fp32, tmp_path, change):
+    oracle, _ = oracle_fp32
+    write_torch_pickle(oracle, tmp_path / "model.pt")
+    convert_torch_weights.main([str(tmp_path / "model.pt"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
+    config_path = tmp_path / "out" / "transformer" / "config.json"
+    other = SanaWMConfig.from_dict({**json.loads(config_path.read_text()), **change})
+    config_path.write_text(json.dumps(other.to_dict()))
+    with pytest.raises(ValueError) as error:
+        load_transformer(tmp_path / "out")
+    message = str(error.value)
+    assert "\n" not in message
+    name, saved, wanted = re.search(r"parameter (\S+) is saved with shape (.+) but the model config expects (.+?);",
+                                    message).groups()
+    converted = store.restore_params(tmp_path / "out" / "transformer", abstract_params(PRESETS["sana_wm_tiny"]))
+    saved_shapes = {"/".join(path): str(leaf.shape) for path, leaf in flatten(converted).items()}
+    wanted_shapes = {"/".join(path): str(leaf.shape) for path, leaf in flatten(abstract_params(other)).items()}
+    assert saved == saved_shapes.get(name, "(absent)") and wanted == wanted_shapes.get(name, "(absent)")
+    assert saved != wanted
+
+
+def test_sample_names_the_parameter_of_a_checkpoint_of_another_preset(oracle_fp32, tmp_path, capsys):
+    import sample
+    from sanawm_jax import demo
+
+    oracle, _ = oracle_fp32
+    write_torch_pickle(oracle, tmp_path / "model.pt")
+    convert_torch_weights.main([str(tmp_path / "model.pt"), str(tmp_path / "ckpt"), "--config", "sana_wm_tiny"])
+    (tmp_path / "ckpt" / "vae").mkdir()
+    (tmp_path / "ckpt" / "vae" / "config.json").write_text("{}")  # never read: the DiT fails to load first
+    other = PRESETS["sana_wm_tiny"].replace(hidden_size=96)
+    (tmp_path / "ckpt" / "transformer" / "config.json").write_text(json.dumps(other.to_dict()))
+    fx, fy, cx, cy = demo.example_intrinsics()
+    argv = ["--checkpoint", tmp_path / "ckpt", "--image", demo.asset_path(demo.EXAMPLE_IMAGE), "--embeddings",
+            tmp_path / "prompt.npz", "--intrinsics", f"{fx},{fy},{cx},{cy}", "--action", "w-8", "--num-frames", "9",
+            "--out", tmp_path / "video.mp4"]
+    with pytest.raises(SystemExit) as exited:
+        cli.run(sample.main, [str(arg) for arg in argv])
+    lines = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2
+    assert len(lines) == 1 and re.search(r"parameter \S+ is saved with shape \(.*64.*\) but the model config "
+                                         r"expects \(.*96.*\)", lines[0]), lines
+    assert not (tmp_path / "video.mp4").exists()

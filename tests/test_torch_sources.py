@@ -195,3 +195,20 @@ def test_load_reads_only_the_requested_tensor(tmp_path, dtype):
     assert loaded.dtype == np.float32 and loaded.shape == (numel,)
     assert np.all(loaded == 5.0)
     assert out_bytes <= peak < 2 * out_bytes
+
+
+def test_sources_record_what_was_opened(tmp_path):
+    save_file(make_state(), tmp_path / "dit.safetensors")
+    write_diffusers_folder(tmp_path / "transformer", make_state())
+    torch.save({"generator": make_state(), "critic": {"w": torch.ones(1)}, "step": 3}, tmp_path / "model.pt")
+    assert open_torch_checkpoint(tmp_path / "dit.safetensors").path == tmp_path / "dit.safetensors"
+    assert open_torch_checkpoint(tmp_path).path == tmp_path / "transformer"
+    pickle = open_torch_checkpoint(tmp_path / "model.pt")
+    assert (pickle.path, pickle.top_level) == (tmp_path / "model.pt", ("critic", "generator", "step"))
+
+
+def test_folder_of_another_kind_names_its_config_class(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"]}))
+    save_file(make_state(), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="config.json describes Gemma2ForCausalLM and there are no diffusers weights"):
+        open_torch_checkpoint(tmp_path)

@@ -7,7 +7,10 @@ component: `transformer/`, `vae/` and `text_encoder/` (the last also holds the t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -45,12 +48,55 @@ def restore_params(model_dir, abstract, sharding=None):
     params_dir = Path(model_dir).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no {PARAMS_DIR}/ orbax checkpoint")
+    check_saved_shapes(params_dir, abstract)
     if sharding is not None:
         if isinstance(sharding, jax.sharding.Sharding):
             sharding = jax.tree.map(lambda _: sharding, abstract)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(params_dir, abstract)
+
+
+def check_saved_shapes(params_dir: Path, abstract) -> None:
+    """Raise a one-line ValueError naming the first parameter whose saved shape (orbax metadata) differs from
+    `abstract`, or that only one of them has."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(params_dir)
+    saved = {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(
+        getattr(metadata.item_metadata, "tree", metadata.item_metadata))}
+    wanted = {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+    for name in sorted(saved.keys() | wanted.keys()):
+        if saved.get(name) != wanted.get(name):
+            raise ValueError(
+                f"{params_dir.parent}: parameter {name} is saved with shape {_shape(saved.get(name))} but the model "
+                f"config expects {_shape(wanted.get(name))}; the checkpoint was converted for another config"
+            )
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "(absent)" if shape is None else str(shape)
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir):
+    """Yield a temporary sibling of `out_dir` to write into; it is renamed to `out_dir` on success and deleted on
+    failure, so a failed run leaves nothing behind. `out_dir` must not exist or be an empty directory."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; choose a new output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def component_dir(ckpt_dir, component: str) -> Path:

@@ -66,11 +66,16 @@ class TensorSource(abc.ABC):
     Attributes:
       config: the diffusers `config.json` contents when the source is a diffusers folder, else None.
       description: a short human-readable account of what was opened.
+      path: the file or folder that was opened (None for an in-memory state dict).
+      top_level: the keys of a torch pickle's top-level dict (e.g. ("critic", "generator", "step")), else ().
     """
 
-    def __init__(self, description: str, config: dict[str, Any] | None = None):
+    def __init__(self, description: str, config: dict[str, Any] | None = None, path: Path | None = None,
+                 top_level: tuple[str, ...] = ()):
         self.description = description
         self.config = config
+        self.path = path
+        self.top_level = top_level
 
     @abc.abstractmethod
     def keys(self) -> list[str]:
@@ -109,8 +114,9 @@ class SafetensorsEntry:
 class SafetensorsSource(TensorSource):
     """Tensors spread over one or more safetensors files, described by their parsed headers."""
 
-    def __init__(self, entries: dict[str, SafetensorsEntry], description: str, config: dict[str, Any] | None = None):
-        super().__init__(description, config)
+    def __init__(self, entries: dict[str, SafetensorsEntry], description: str, config: dict[str, Any] | None = None,
+                 path: Path | None = None):
+        super().__init__(description, config, path)
         self._entries = entries
 
     def keys(self) -> list[str]:
@@ -143,8 +149,9 @@ class SafetensorsSource(TensorSource):
 class TorchStateDictSource(TensorSource):
     """A state dict of torch tensors (memory-mapped when the pickle allows it)."""
 
-    def __init__(self, state: dict[str, Any], description: str):
-        super().__init__(description)
+    def __init__(self, state: dict[str, Any], description: str, path: Path | None = None,
+                 top_level: tuple[str, ...] = ()):
+        super().__init__(description, path=path, top_level=top_level)
         self._state = state
 
     def keys(self) -> list[str]:
@@ -220,7 +227,7 @@ def read_json(path: Path) -> Any:
 
 def open_safetensors_file(path: Path) -> SafetensorsSource:
     """A single flat safetensors file; keys are exposed unchanged."""
-    return SafetensorsSource(read_safetensors_header(path), f"safetensors file {path}")
+    return SafetensorsSource(read_safetensors_header(path), f"safetensors file {path}", path=path)
 
 
 def read_sharded_index(index_path: Path) -> tuple[dict[str, SafetensorsEntry], int]:
@@ -248,6 +255,12 @@ def open_diffusers_folder(folder: Path) -> SafetensorsSource:
     """A diffusers model folder: `config.json` plus a single or sharded (indexed) `diffusion_pytorch_model`."""
     config_path = folder / "config.json"
     single, index_path = folder / DIFFUSERS_WEIGHTS, folder / DIFFUSERS_INDEX
+    if config_path.is_file() and not (single.is_file() or index_path.is_file()):
+        config = read_json(config_path)
+        kind = config.get("_class_name") or ", ".join(config.get("architectures") or []) or config.get("model_type")
+        if kind:
+            raise ValueError(f"{folder}: config.json describes {kind} and there are no diffusers weights "
+                             f"({DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX}); expected a diffusers model folder")
     if not config_path.is_file() or not (single.is_file() or index_path.is_file()):
         raise ValueError(
             f"{folder}: expected a diffusers model folder (config.json + {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX}), "
@@ -255,9 +268,9 @@ def open_diffusers_folder(folder: Path) -> SafetensorsSource:
         )
     config = read_json(config_path)
     if single.is_file():
-        return SafetensorsSource(read_safetensors_header(single), f"diffusers folder {folder} (1 file)", config)
+        return SafetensorsSource(read_safetensors_header(single), f"diffusers folder {folder} (1 file)", config, folder)
     entries, num_shards = read_sharded_index(index_path)
-    return SafetensorsSource(entries, f"diffusers folder {folder} ({num_shards} shards)", config)
+    return SafetensorsSource(entries, f"diffusers folder {folder} ({num_shards} shards)", config, folder)
 
 
 def open_torch_pickle(path: Path) -> TorchStateDictSource:
@@ -294,7 +307,7 @@ def open_torch_pickle(path: Path) -> TorchStateDictSource:
         if all(key.startswith(prefix) for key in state):
             state = {key.removeprefix(prefix): value for key, value in state.items()}
             description += f", prefix {prefix!r} stripped"
-    return TorchStateDictSource(state, description + ")")
+    return TorchStateDictSource(state, description + ")", path, tuple(sorted(map(str, obj))))
 
 
 def open_torch_checkpoint(path: str | Path, *, subfolder: str | None = None) -> TensorSource:

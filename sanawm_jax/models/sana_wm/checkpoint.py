@@ -1,71 +1,198 @@
-"""SANA-WM DiT checkpoints: the PyTorch key map, and saving/loading the DiT in our format.
+"""SANA-WM DiT checkpoints: the key maps of the released layouts, refusal of released checkpoints of other kinds, and
+saving/loading the DiT in our format.
+
+Released layouts of the bidirectional DiT (every tensor's name and shape for the 2.6B model: `released_keys/`):
+  * "diffusers": the state dict of diffusers' `SanaWMTransformer3DModel` (a `transformer/` folder).
+  * "nvlabs": NVlabs/Sana's flat `dit/sana_wm_1600m_720p.safetensors`: the same names, except that the timestep MLP
+    is `t_embedder.mlp.0/2` (diffusers: `t_embedder.linear_1/2`), plus the sin-cos table `pos_embed` and the null
+    caption embedding `y_embedder.y_embedding` (what training's text dropout substitutes for the caption).
+Both hold the GDN buffer `blocks.N.attn.recall_gate`. The model uses neither `pos_embed` nor `recall_gate`; the null
+caption embedding is kept beside the converted params (`load_null_caption_embedding`).
 
 Naming: the Flax tree mirrors the diffusers module path, with `blocks.N` -> `blocks_N`, three wrapper modules folded
 away (`t_block.1`, `y_embedder.y_proj`, the `.conv` inside FFN conv layers), and `weight` -> `kernel` (Linear, Conv)
-or `scale` (1-D norm weights). Layouts follow `sanawm_jax.checkpoint.keymap`.
+or `scale` (1-D norm weights). Layouts and the strict checks follow `sanawm_jax.checkpoint.keymap`.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+
+import numpy as np
 
 from sanawm_jax.checkpoint import store
-from sanawm_jax.checkpoint.keymap import convert_tensors, flatten
+from sanawm_jax.checkpoint.keymap import ConversionError, convert_tensors, flatten, torch_name, torch_shape
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params
 
 TRANSFORMER_DIR = "transformer"
+NULL_CAPTION_FILE = "null_caption_embedding.npy"
+RELEASED_KEYS_DIR = Path(__file__).with_name("released_keys")
+LAYOUTS = ("diffusers", "nvlabs")
+DIFFUSERS_CLASS = "SanaWMTransformer3DModel"
 
-# (torch pattern, flax replacement), applied in order to the dotted key.
-RENAMES = (
-    (r"^t_block\.1\.", "t_block."),
-    (r"^y_embedder\.y_proj\.", "y_embedder."),
-    (r"\.(inverted_conv|depth_conv|point_conv)\.conv\.", r".\1."),
-    (r"^blocks\.(\d+)\.", r"blocks_\1."),
+# (regex on the dotted Flax name, replacement) -> the source key, applied in order.
+RENAMES = {
+    "diffusers": (
+        (r"^t_block\.", "t_block.1."),
+        (r"^y_embedder\.", "y_embedder.y_proj."),
+        (r"\.(inverted_conv|depth_conv|point_conv)\.", r".\1.conv."),
+    ),
+}
+RENAMES["nvlabs"] = RENAMES["diffusers"] + (
+    (r"^t_embedder\.linear_1\.", "t_embedder.mlp.0."),
+    (r"^t_embedder\.linear_2\.", "t_embedder.mlp.2."),
 )
-INVERSE_RENAMES = (
-    (r"^t_block\.", "t_block.1."),
-    (r"^y_embedder\.", "y_embedder.y_proj."),
-    (r"\.(inverted_conv|depth_conv|point_conv)\.", r".\1.conv."),
-    (r"^blocks_(\d+)\.", r"blocks.\1."),
-)
-# Present in released checkpoints, unused by the model: the NVlabs absolute position table and a GDN buffer.
-KNOWN_UNUSED = (r"^pos_embed$", r"\.recall_gate$")
+NULL_CAPTION_KEY = "y_embedder.y_embedding"
+POS_EMBED_KEY = "pos_embed"
+RECALL_GATE = r"^blocks\.\d+\.attn\.recall_gate$"
+KNOWN_UNUSED = {
+    "diffusers": (RECALL_GATE,),
+    "nvlabs": (RECALL_GATE, rf"^{POS_EMBED_KEY}$", rf"^{re.escape(NULL_CAPTION_KEY)}$"),
+}
+# Sizes of the released NVlabs config behind the unused tensors: model_max_length 300 (rows of the null caption
+# embedding) and image_size 720 over the VAE stride 32 (pos_embed holds a 22 x 22 grid).
+RELEASED_TEXT_TOKENS = 300
+RELEASED_POS_EMBED_GRID = 720 // 32
+
+# Other released checkpoints, recognised to refuse them by name.
+NOT_SUPPORTED = "converting it is not supported yet"
+OTHER_DIFFUSERS_CLASSES = {  # _class_name: (what it is, what to do)
+    "SanaWMLTX2RefinerTransformer3DModel": ("a SANA-WM stage-2 refiner transformer folder", NOT_SUPPORTED),
+    "LTX2TextConnectors": ("a SANA-WM refiner text-connector folder", NOT_SUPPORTED),
+    "AutoencoderKLLTX2Video": ("an LTX-2 video VAE folder", "give it as the VAE (--vae), not as the DiT"),
+}
+STREAMING_PICKLE_KEYS = ("critic", "denoising_step_list")
 
 
-def is_known_unused(torch_key: str) -> bool:
-    return any(re.search(pattern, torch_key) for pattern in KNOWN_UNUSED)
-
-
-def flax_path(torch_key: str, ndim: int) -> tuple[str, ...]:
-    """`blocks.3.attn.qkv.weight` (2-D) -> ("blocks_3", "attn", "qkv", "kernel")."""
-    name = torch_key
-    for pattern, replacement in RENAMES:
-        name = re.sub(pattern, replacement, name)
-    *parents, leaf = name.split(".")
-    if leaf == "weight":
-        leaf = "kernel" if ndim >= 2 else "scale"
-    return (*parents, leaf)
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-    """Inverse of `flax_path`: the source key a parameter is read from."""
-    *parents, leaf = path
-    name = ".".join([*parents, "weight" if leaf in ("kernel", "scale") else leaf])
-    for pattern, replacement in INVERSE_RENAMES:
+def torch_key(path: tuple[str, ...], layout: str = "diffusers") -> str:
+    """("blocks_3", "attn", "qkv", "kernel") -> "blocks.3.attn.qkv.weight": the key a parameter is read from."""
+    name = torch_name(path, numbered="blocks")
+    for pattern, replacement in RENAMES[layout]:
         name = re.sub(pattern, replacement, name)
     return name
 
 
+def detect_layout(keys) -> str:
+    """"nvlabs" when any NVlabs-only name is present, else "diffusers"."""
+    nvlabs_only = {"t_embedder.mlp.0.weight", POS_EMBED_KEY, NULL_CAPTION_KEY}
+    return "nvlabs" if nvlabs_only & set(keys) else "diffusers"
+
+
+def is_known_unused(key: str, layout: str) -> bool:
+    return any(re.search(pattern, key) for pattern in KNOWN_UNUSED[layout])
+
+
+def released_tensor_shapes(config: SanaWMConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{layout: {name: PyTorch shape}}: every tensor a released checkpoint of each layout holds for a model of
+    `config`: the parameters through the key map, plus the buffers the model does not use."""
+    params = flatten(abstract_params(config))
+    tables = {}
+    for layout in LAYOUTS:
+        shapes = {torch_key(path, layout): torch_shape(struct.shape, path[-1]) for path, struct in params.items()}
+        shapes.update({f"blocks.{index}.attn.recall_gate": (1,) for index in range(config.num_layers)})
+        if layout == "nvlabs":
+            shapes[POS_EMBED_KEY] = (1, RELEASED_POS_EMBED_GRID**2, config.hidden_size)
+            shapes[NULL_CAPTION_KEY] = (RELEASED_TEXT_TOKENS, config.caption_channels)
+        tables[layout] = shapes
+    return tables
+
+
+def released_table(layout: str) -> dict[str, tuple[int, ...]]:
+    """The stored name -> shape table of the released 2.6B checkpoint of `layout` (see `released_keys/`)."""
+    table = json.loads((RELEASED_KEYS_DIR / f"{layout}.json").read_text())
+    return {name: tuple(shape) for name, shape in table["tensors"].items()}
+
+
+def _variant(fields: dict) -> str | None:
+    """"streaming" or "chunk-causal" when a config (diffusers config.json or the `model:` section of an NVlabs
+    config.yaml) describes that variant of the DiT, else None."""
+    text = " ".join(str(fields.get(name, "")) for name in ("model", "attn_type", "camctrl_type", "ffn_type"))
+    if "Streaming" in text or "Cached" in text or fields.get("pos_embed_type") == "casual_wan_rope":
+        return "streaming"
+    if "ChunkCausal" in text or fields.get("chunk_size") is not None:
+        return "chunk-causal"
+    return None
+
+
+def _nvlabs_config_fields(path: Path) -> dict:
+    """The `model:` section of the NVlabs config.yaml shipped beside a flat DiT file (`config.yaml` next to it or one
+    folder up, as in `<repo>/dit/<file>.safetensors`), or {} when there is none."""
+    import yaml
+
+    for candidate in (path.parent / "config.yaml", path.parent.parent / "config.yaml"):
+        if candidate.is_file():
+            try:
+                config = yaml.safe_load(candidate.read_text())
+            except yaml.YAMLError as e:
+                raise ValueError(f"{candidate}: not valid YAML ({e})") from e
+            model = config.get("model") if isinstance(config, dict) else None
+            return model if isinstance(model, dict) else {}
+    return {}
+
+
+def check_bidirectional_dit(source) -> None:
+    """Raise a one-line ValueError naming what `source` is when it is a released checkpoint of another kind than the
+    bidirectional DiT: another diffusers class (refiner, text connectors, VAE), a streaming `model.pt`, or a
+    chunk-causal / streaming DiT (known by its config.json, the NVlabs config.yaml beside it, or its file name)."""
+    where = source.path if source.path is not None else source.description
+    config = source.config or {}
+    class_name = config.get("_class_name", DIFFUSERS_CLASS)
+    if class_name in OTHER_DIFFUSERS_CLASSES:
+        what, advice = OTHER_DIFFUSERS_CLASSES[class_name]
+        raise ValueError(f"{where} is {what} ({class_name} in config.json); {advice}")
+    if class_name != DIFFUSERS_CLASS:
+        raise ValueError(f"{where} is a diffusers {class_name} folder, not the SANA-WM DiT ({DIFFUSERS_CLASS})")
+    if set(STREAMING_PICKLE_KEYS) & set(source.top_level):
+        raise ValueError(f"{where} is a SANA-WM streaming checkpoint (model.pt with generator/critic); {NOT_SUPPORTED}")
+    variant, evidence = _variant(config), "config.json"
+    if variant is None and source.config is None and source.path is not None and source.path.is_file():
+        variant, evidence = _variant(_nvlabs_config_fields(source.path)), "its config.yaml"
+        name = source.path.name
+        if variant is None and ("chunk_causal" in name or "streaming" in name):
+            variant, evidence = ("chunk-causal" if "chunk_causal" in name else "streaming"), "file name"
+    if variant is not None:
+        raise ValueError(f"{where} is a SANA-WM {variant} DiT checkpoint (by {evidence}); {NOT_SUPPORTED}")
+
+
 def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
-    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) into a params tree of numpy arrays in
-    `config.param_dtype`, reading one tensor at a time."""
+    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) in either released layout into a params
+    tree of numpy arrays in `config.param_dtype`, reading one tensor at a time."""
+    layout = detect_layout(source.keys())
     expected = flatten(abstract_params(config))
-    return convert_tensors(source, expected, flax_path, torch_key, "the model config", is_known_unused, log)
+    return convert_tensors(source, expected, lambda path: torch_key(path, layout), "the model config",
+                           lambda key: is_known_unused(key, layout), log)
 
 
-def save_transformer(out_dir, params, config: SanaWMConfig):
-    return store.save_params(out_dir, params, config.to_dict())
+def read_null_caption_embedding(source, config: SanaWMConfig) -> np.ndarray | None:
+    """The null caption embedding (tokens, caption_channels) of an NVlabs-layout source, as float32; None when the
+    source does not carry one (diffusers folders)."""
+    if NULL_CAPTION_KEY not in source.keys():
+        return None
+    shape = tuple(source.shape(NULL_CAPTION_KEY))
+    if len(shape) != 2 or shape[1] != config.caption_channels:
+        raise ConversionError(
+            f"checkpoint {source.description}: {NULL_CAPTION_KEY} has shape {shape}, expected (tokens, "
+            f"{config.caption_channels}) for caption_channels={config.caption_channels}"
+        )
+    return source.load(NULL_CAPTION_KEY).astype(np.float32)
+
+
+def save_transformer(out_dir, params, config: SanaWMConfig, null_caption: np.ndarray | None = None) -> Path:
+    """Write params and config, and the null caption embedding beside them when given."""
+    out_dir = store.save_params(out_dir, params, config.to_dict())
+    if null_caption is not None:
+        np.save(out_dir / NULL_CAPTION_FILE, null_caption)
+    return out_dir
+
+
+def load_null_caption_embedding(ckpt_dir) -> np.ndarray | None:
+    """The null caption embedding (tokens, caption_channels) float32 saved by `convert_torch_weights.py` from an
+    NVlabs checkpoint, for text dropout in training; None when the checkpoint was converted without one."""
+    path = store.component_dir(ckpt_dir, TRANSFORMER_DIR) / NULL_CAPTION_FILE
+    return np.load(path) if path.is_file() else None
 
 
 def load_transformer(ckpt_dir, sharding=None, **config_overrides) -> tuple[SanaWMTransformer, dict]:
@@ -73,7 +200,8 @@ def load_transformer(ckpt_dir, sharding=None, **config_overrides) -> tuple[SanaW
     transformer-only directory).
 
     config_overrides replace config fields (e.g. `param_dtype="bfloat16"` casts on restore, `dtype`, `gdn_impl`,
-    `attention_impl`, `remat`); `sharding` as in `store.restore_params`.
+    `attention_impl`, `remat`); `sharding` as in `store.restore_params`. Saved shapes that differ from the config's
+    raise a one-line ValueError naming the first mismatching parameter.
     """
     model_dir = store.component_dir(ckpt_dir, TRANSFORMER_DIR)
     config = SanaWMConfig.from_dict(store.read_config(model_dir)).replace(**config_overrides)
