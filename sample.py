@@ -49,7 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--action-convention", default="sana_wm", choices=list(camera.ACTION_CONVENTIONS),
                         help="key mapping of --action: sana_wm (released CLI) or diffusers (a/d strafe, j/l turn)")
     parser.add_argument("--translation-speed", type=float,
-                        help="--action distance per frame (default: 0.025 sana_wm, 0.05 diffusers)")
+                        help="--action distance per frame; with --c2w, the speed that lights an overlay key fully "
+                             "(default: 0.025 sana_wm, 0.05 diffusers)")
     parser.add_argument("--rotation-speed-deg", type=float,
                         help="--action degrees per frame (default: 0.6 sana_wm, 1.2 diffusers)")
     parser.add_argument("--no-action-overlay", action="store_true",
@@ -108,6 +109,8 @@ def main(argv=None):
         text = world.encode_prompt(args.prompt, args.negative_prompt, cfg=sampler.uses_guidance)
     result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
     for kind, path in write_outputs(args.out, result, action=args.action, action_convention=args.action_convention,
+                                    translation_speed=args.translation_speed,
+                                    rotation_speed_deg=args.rotation_speed_deg,
                                     action_overlay=not args.no_action_overlay).items():
         print(f"{kind}: {path}")
 

@@ -68,7 +68,7 @@ class ActionConvention(FrozenConfig):
             (self.translation_speed >= 0, f"translation_speed must be >= 0, got {self.translation_speed}"),
             (self.rotation_speed_deg >= 0, f"rotation_speed_deg must be >= 0, got {self.rotation_speed_deg}"),
             (self.pitch_limit_deg > 0, f"pitch_limit_deg must be positive, got {self.pitch_limit_deg}"),
-            (taus == (None, None) or all(t is not None and t > 0 for t in taus) and self.fps > 0,
+            (taus == (None, None) or (all(t is not None and t > 0 for t in taus) and self.fps > 0),
              f"press_tau_s and coast_tau_s must both be None or both positive (fps > 0), got {taus} at {self.fps}"),
         ])
 
@@ -236,6 +236,19 @@ def action_string_to_c2w(
     return c2w.astype(np.float32)
 
 
+def _key_states(motion: np.ndarray, convention: ActionConvention, held: np.ndarray | None = None):
+    """Per-frame motion (N, 4) along MOTION_AXES in units of full speed -> (key_levels (N+1, 8), look (N+1, 2))
+    float32, row 0 all zero for the starting pose: a key's level is the motion along its direction clipped to
+    [0, 1] (1 where `held` (N, 8) says it is down), look the (yaw, pitch) motion clipped to [-1, 1]."""
+    levels = np.clip(motion @ convention.key_matrix().T, 0.0, 1.0)
+    if held is not None:
+        levels = np.where(held, 1.0, levels)
+    look = np.clip(motion[:, [MOTION_AXES.index("yaw"), MOTION_AXES.index("pitch")]], -1.0, 1.0)
+    states = np.concatenate([np.zeros((1, len(ACTION_KEYS) + 2)), np.concatenate([levels, look], axis=1)])
+    states = states.astype(np.float32)
+    return states[:, : len(ACTION_KEYS)], states[:, len(ACTION_KEYS) :]
+
+
 def action_key_states(action: str, *, convention: str = "sana_wm") -> tuple[np.ndarray, np.ndarray]:
     """What drives the camera into each pose of `action_string_to_c2w(action)`, for drawing on the video.
 
@@ -247,13 +260,42 @@ def action_key_states(action: str, *, convention: str = "sana_wm") -> tuple[np.n
     """
     conv = action_convention(convention)
     held = _held_keys_per_frame(action)
-    motion = _motion_per_frame(held, conv)
-    along_keys = np.clip(motion @ conv.key_matrix().T, 0.0, 1.0)  # (N, 8): motion in each key's direction
-    levels = np.where(held, 1.0, along_keys)
-    look = np.clip(motion[:, [MOTION_AXES.index("yaw"), MOTION_AXES.index("pitch")]], -1.0, 1.0)
-    first_pose = np.zeros((1, len(ACTION_KEYS) + 2))
-    states = np.concatenate([first_pose, np.concatenate([levels, look], axis=1)]).astype(np.float32)
-    return states[:, : len(ACTION_KEYS)], states[:, len(ACTION_KEYS) :]
+    return _key_states(_motion_per_frame(held, conv), conv, held)
+
+
+def c2w_key_states(
+    c2w,
+    *,
+    convention: str = "sana_wm",
+    translation_speed: float | None = None,
+    rotation_speed_deg: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The key states of `action_key_states` read back from a trajectory (F, 4, 4), for paths given as poses.
+
+    Each frame's move relative to the first pose is split like the roll-out's: forward and strafe along the
+    horizontal heading and right axes in units of `translation_speed`, yaw and pitch of the heading in units of
+    `rotation_speed_deg` (None: the convention's). A key's level is that motion along its direction, clipped to
+    [0, 1]; a pose path that moves faster than those speeds saturates. Returns (key_levels (F, 8), look (F, 2)).
+    """
+    conv = action_convention(convention, translation_speed=translation_speed, rotation_speed_deg=rotation_speed_deg)
+    if conv.translation_speed <= 0 or conv.rotation_speed_deg <= 0:
+        raise ValueError("reading key states from poses needs positive translation and rotation speeds")
+    poses = _validated_poses(c2w).astype(np.float64)
+    relative = np.linalg.inv(poses[0]) @ poses
+    rotation, position = relative[:, :3, :3], relative[:, :3, 3]
+    forward_axis = rotation[:, :, 2]  # R = rot_y(yaw) . rot_x(pitch) -> (cos p sin y, -sin p, cos p cos y)
+    yaw = np.unwrap(np.arctan2(forward_axis[:, 0], forward_axis[:, 2]))
+    pitch = np.arctan2(-forward_axis[:, 1], np.hypot(forward_axis[:, 0], forward_axis[:, 2]))
+    moves = np.diff(position, axis=0)
+    heading, right = _horizontal_unit(forward_axis[1:]), _horizontal_unit(rotation[1:, :, 0])
+    step = math.radians(conv.rotation_speed_deg)
+    motion = np.stack([
+        np.sum(moves * heading, axis=-1) / conv.translation_speed,
+        np.sum(moves * right, axis=-1) / conv.translation_speed,
+        np.diff(yaw) / step,
+        np.diff(pitch) / step,
+    ], axis=-1)
+    return _key_states(motion, conv)
 
 
 def snap_num_frames(n: int, stride: int = 8, upper_bound: int | None = None) -> int:

@@ -153,10 +153,12 @@ class WorldModel:
 
 
 def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, action: str | None = None,
-                  action_convention: str = "sana_wm", action_overlay: bool = True) -> dict[str, Path]:
+                  action_convention: str = "sana_wm", translation_speed: float | None = None,
+                  rotation_speed_deg: float | None = None, action_overlay: bool = True) -> dict[str, Path]:
     """`<path>` (H.264 mp4), `<stem>.latents.npz` (latents (T, h, w, C)) and `<stem>.trajectory.npz` (c2w,
-    intrinsics in target pixels, fps) beside it. With the `action` string the video followed and `action_overlay`,
-    the mp4 shows the WASD + joystick overlay of `overlay.draw_action_overlay`; the .npz files stay clean."""
+    intrinsics in target pixels, fps) beside it. With `action_overlay` the mp4 shows the WASD + joystick overlay of
+    `overlay.draw_action_overlay`: the keys of the `action` string the video followed, or without one the keys read
+    back from `result.c2w` at the given speeds (None: the convention's). The .npz files stay clean."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outputs = {
@@ -165,8 +167,13 @@ def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, a
         "trajectory": path.with_name(f"{path.stem}.trajectory.npz"),
     }
     video = result.video
-    if action is not None and action_overlay:
-        key_levels, look = camera.action_key_states(action, convention=action_convention)
+    if action_overlay:
+        if action is not None:
+            key_levels, look = camera.action_key_states(action, convention=action_convention)
+        else:
+            key_levels, look = camera.c2w_key_states(result.c2w, convention=action_convention,
+                                                     translation_speed=translation_speed,
+                                                     rotation_speed_deg=rotation_speed_deg)
         video = overlay.draw_action_overlay(video, key_levels[: len(video)], look[: len(video)])
     write_video(path, video, fps=fps, crf=18)
     np.savez(outputs["latents"], latents=result.latents)

@@ -101,11 +101,15 @@ def _draw_panel(layout: OverlayLayout, key_levels: np.ndarray, look: np.ndarray)
     x0, y0, x1, y1 = (v - offset for v, offset in zip(layout.joystick, (left, top, left, top)))
     centre_x, centre_y, ring = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2, (x1 - x0 - 1) / 2
     draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=CAP_RGBA, outline=EDGE_RGBA)
-    knob = max(1.0, 0.3 * ring)
-    yaw, pitch = (float(v) for v in np.clip(look, -1.0, 1.0))
-    knob_x, knob_y = centre_x + yaw * (ring - knob), centre_y - pitch * (ring - knob)  # pitch up: knob up
-    strength = min(1.0, float(np.hypot(yaw, pitch)))
-    if strength > 0:
+    knob = max(1, round(0.3 * ring))
+    look = np.clip(look, -1.0, 1.0)
+    # The square of (yaw, pitch) onto the ring's disc: same direction, radius the larger component.
+    strength = float(np.abs(look).max())
+    yaw, pitch = look * (strength / max(float(np.hypot(*look)), 1e-12))
+    # Whole pixels, so the knob does not jitter with rounding-level changes of the look.
+    knob_x = round(centre_x + yaw * (ring - knob))
+    knob_y = round(centre_y - pitch * (ring - knob))  # pitch up: knob up
+    if (knob_x, knob_y) != (round(centre_x), round(centre_y)):
         draw.line((centre_x, centre_y, knob_x, knob_y), fill=LIT_RGBA, width=max(1, layout.key_px // 8))
     draw.ellipse((knob_x - knob, knob_y - knob, knob_x + knob, knob_y + knob),
                  fill=_blend(EDGE_RGBA, LIT_RGBA, strength), outline=EDGE_RGBA)

@@ -288,6 +288,27 @@ def test_key_states_look_is_the_turn_of_the_roll_out():
     np.testing.assert_allclose(np.diff(pitch), look[1:, 1] * TURN, atol=POSE_ATOL)
 
 
+def test_key_states_read_back_from_poses_match_the_action():
+    # Without opposite keys held together or pitch at its limit, a key is held exactly when its motion is full, so
+    # reading the roll-out back gives the action's states. Tolerance: float32 poses, per-frame steps of 0.025 and
+    # 0.01 rad, so about 1e-5 of full speed.
+    action = "w-5,aw-10,none-8,l-4,dk-6,none-5,jw-3,s-4,i-3,none-6,d-700"
+    c2w = camera.action_string_to_c2w(action)
+    expected = camera.action_key_states(action)
+    for world in (np.eye(4), np.array([[0, 0, 1, 3], [1, 0, 0, -2], [0, 1, 0, 5], [0, 0, 0, 1]], np.float64)):
+        states = camera.c2w_key_states(np.einsum("ij,fjk->fik", world, c2w))  # independent of the world frame
+        for got, want in zip(states, expected):
+            np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_key_states_from_poses_scale_with_the_given_speeds():
+    c2w = camera.action_string_to_c2w("w-4")
+    levels, _ = camera.c2w_key_states(c2w, translation_speed=0.1)
+    np.testing.assert_allclose(levels[1:, camera.ACTION_KEYS.index("w")], 0.25, atol=1e-5)
+    with pytest.raises(ValueError, match="positive translation and rotation speeds"):
+        camera.c2w_key_states(c2w, rotation_speed_deg=0.0)
+
+
 def test_diffusers_key_states_are_the_held_keys():
     levels, look = camera.action_key_states("w-2,none-1,l-1", convention="diffusers")
     np.testing.assert_array_equal(levels[3], 0.0)  # no coasting without easing

@@ -1,5 +1,5 @@
 """The WASD + joystick overlay: it draws only inside its panel, lights the keys that are pressed, puts the joystick
-knob where the view is turning, and reaches the mp4 but not the .npz outputs."""
+knob where the view is turning, and reaches the mp4 but not the .npz outputs, for action strings and pose paths."""
 
 import numpy as np
 import pytest
@@ -103,3 +103,19 @@ def test_write_outputs_puts_the_overlay_on_the_mp4_only(tmp_path):
             np.testing.assert_array_equal(latents["latents"], result.latents)
             np.testing.assert_array_equal(trajectory["c2w"], result.c2w)
             np.testing.assert_array_equal(trajectory["intrinsics"], result.intrinsics)
+
+
+def test_write_outputs_reads_the_keys_back_from_the_poses_without_an_action(tmp_path):
+    action, frames, (height, width) = "w-4,ak-4", 9, (128, 224)
+    result = GenerationResult(
+        latents=np.zeros((2, 4, 7, 8), np.float32),
+        video=flat_video(frames, height, width),
+        c2w=camera.action_string_to_c2w(action),
+        intrinsics=np.tile(np.float32([100, 100, 112, 64]), (frames, 1)),
+    )
+    from_action = write_outputs(tmp_path / "action.mp4", result, action=action)["video"]
+    from_poses = write_outputs(tmp_path / "poses.mp4", result)["video"]
+    plain = write_outputs(tmp_path / "plain.mp4", result, action_overlay=False)["video"]
+    decoded = [read_video_window(path, 0, frames)[0].astype(np.int32) for path in (from_action, from_poses, plain)]
+    assert np.abs(decoded[1] - decoded[2]).max() > 50  # the pose path gets an overlay too
+    assert np.abs(decoded[0] - decoded[1]).max() <= 2  # and it is the action's, up to rounding and the codec
