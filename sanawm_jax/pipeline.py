@@ -28,6 +28,7 @@ from sanawm_jax.models.sana_wm.config import SanaWMConfig
 VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
+NVLABS_DIT_DIR = "dit"  # NVlabs release folders: dit/<name>.safetensors, vae/, refiner/, config.yaml
 TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json")
 
 
@@ -56,6 +57,10 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     Everything is written into a temporary sibling of `out_dir` that becomes `out_dir` only when all succeeded.
     """
     src = Path(src)
+    dit_files = sorted((src / NVLABS_DIT_DIR).glob("*.safetensors")) if src.is_dir() else []
+    if dit_files and not (src / "config.json").exists() and not (src / TRANSFORMER_DIR).is_dir():
+        raise ValueError(f"{src} is an NVlabs release folder: give its DiT file {dit_files[0]} as the source, with "
+                         f"--config sana_wm_2.6b --vae {src / VAE_DIR}")
     source = open_torch_checkpoint(src)
     check_bidirectional_dit(source)
     if config is None:

@@ -154,6 +154,12 @@ def output_not_empty(oracle, folder):
     return [write_torch_pickle(oracle, folder / "model.pt"), "--config", "sana_wm_tiny"]
 
 
+def nvlabs_release_root(oracle, folder):
+    (folder / "SANA-WM_bidirectional" / "dit").mkdir(parents=True)
+    write_flat_file(oracle, folder / "SANA-WM_bidirectional" / "dit" / "sana_wm_1600m_720p.safetensors")
+    return [folder / "SANA-WM_bidirectional"]
+
+
 def unknown_config(oracle, folder):
     return [write_torch_pickle(oracle, folder / "model.pt"), "--config", "sana_wm_huge"]
 
@@ -166,8 +172,10 @@ def unknown_config(oracle, folder):
         (pickle_without_config, "carries no config.json: pass a config"),
         (output_not_empty, "already exists and is not empty"),
         (unknown_config, "unknown config 'sana_wm_huge'"),
+        (nvlabs_release_root, "is an NVlabs release folder: give its DiT file"),
     ],
-    ids=["missing-path", "corrupt-safetensors", "pickle-without-config", "output-not-empty", "unknown-config"],
+    ids=["missing-path", "corrupt-safetensors", "pickle-without-config", "output-not-empty", "unknown-config",
+         "nvlabs-release-root"],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(oracle_fp32, tmp_path, capsys, make_input, message):
     oracle, _ = oracle_fp32
