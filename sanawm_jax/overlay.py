@@ -4,7 +4,8 @@ view is being turned, drawn on a translucent panel in the bottom-left corner.
 Layout, in key widths u (about 5.5% of the frame height): the W A S D caps as an inverted T, the I J K L caps
 beside them, and a joystick whose knob sits at the commanded (yaw right, pitch up) turn. A cap glows amber with its
 level (1 while held, fading while the camera coasts after release); the knob's arrow grows with the turn.
-Inputs come from `camera.action_key_states`; only the mp4 gets the overlay, never the .npz outputs.
+The states come from `camera.action_key_states` (an action string) or `camera.c2w_key_states` (a pose path); only
+the mp4 gets the overlay, never the .npz outputs.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ KEY_FRACTION = 0.055  # key width / frame height
 MIN_KEY_PX = 3
 GAP = 0.15  # between keys, in key widths
 PAD = 0.3  # panel border, in key widths
-# Key positions (column, row) in key widths plus gaps; the IJKL cluster starts after 3 keys and a 0.6 spacing.
-_CLUSTER = {"up": (1, 0), "left": (0, 1), "down": (1, 1), "right": (2, 1)}
-_KEY_CELLS = {"w": _CLUSTER["up"], "a": _CLUSTER["left"], "s": _CLUSTER["down"], "d": _CLUSTER["right"],
-              "i": _CLUSTER["up"], "j": _CLUSTER["left"], "k": _CLUSTER["down"], "l": _CLUSTER["right"]}
-_CLUSTER_SPACING = 0.6
+# (column, row) of the up, left, down and right caps of a cluster, in keys; IJKL starts one cluster further right.
+_CLUSTER_CELLS = ((1, 0), (0, 1), (1, 1), (2, 1))
+_KEY_CELLS = {**dict(zip("wasd", _CLUSTER_CELLS)), **dict(zip("ijkl", _CLUSTER_CELLS))}
+_CLUSTER_SPACING = 0.6  # between the clusters and the joystick, in key widths
 # Panel width in key widths: two 3-key clusters and a 2-key joystick, their gaps, two spacings, the border.
 _PANEL_KEYS_WIDE = 8 + 5 * GAP + 2 * _CLUSTER_SPACING + 2 * PAD
 
