@@ -66,11 +66,11 @@ def rel_l2(actual, expected):
     return np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
 
 
-def gdn_inputs(names, *, frames, tokens, dim, heads=2, masked_frames=0, dtype=jnp.float32, seed=0):
-    """Model-like inputs (B = 1): ReLU'd unit-RMS queries/keys (keys scaled by D^-1/2·S^-1/2), normal values,
+def gdn_inputs(names, *, frames, tokens, dim, heads=2, batch=1, masked_frames=0, dtype=jnp.float32, seed=0):
+    """Model-like inputs: ReLU'd unit-RMS queries/keys (keys scaled by D^-1/2·S^-1/2), normal values,
     β = sigmoid(·), decay in (0.5, 1). The last `masked_frames` frames are padding: β = 0 and decay = 1."""
     rng = np.random.default_rng(seed)
-    shape = (1, frames, tokens, heads, dim)
+    shape = (batch, frames, tokens, heads, dim)
 
     def features(scale=1.0):
         x = rng.standard_normal(shape)
@@ -82,7 +82,7 @@ def gdn_inputs(names, *, frames, tokens, dim, heads=2, masked_frames=0, dtype=jn
         "k_rot": features(key_scale),
         "v": rng.standard_normal(shape),
         "beta": 1.0 / (1.0 + np.exp(-rng.standard_normal(shape[:-1]))),
-        "decay": rng.uniform(0.5, 1.0, (1, frames, heads)),
+        "decay": rng.uniform(0.5, 1.0, (batch, frames, heads)),
         "q": features(),
         "k": features(key_scale),
     }
