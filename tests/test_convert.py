@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -58,6 +60,16 @@ def write_torch_pickle(oracle, path):
     return path
 
 
+@pytest.fixture(scope="module")
+def converted_pickle(oracle_fp32, tmp_path_factory):
+    """The oracle, saved as a torch pickle and converted with the tiny preset; tests that edit it work on a copy."""
+    oracle, _ = oracle_fp32
+    folder = tmp_path_factory.mktemp("converted")
+    write_torch_pickle(oracle, folder / "model.pt")
+    convert_torch_weights.main([str(folder / "model.pt"), str(folder / "ckpt"), "--config", "sana_wm_tiny"])
+    return folder / "ckpt"
+
+
 def test_diffusers_sharded_folder_round_trips(oracle_fp32, expected_params, tmp_path):
     oracle, _ = oracle_fp32
     root = tmp_path / "pipeline"
@@ -77,11 +89,8 @@ def test_flat_safetensors_with_diffusers_names_round_trips(oracle_fp32, expected
     assert_trees_equal(params, expected_params)
 
 
-def test_torch_pickle_round_trips(oracle_fp32, expected_params, tmp_path):
-    oracle, _ = oracle_fp32
-    path = write_torch_pickle(oracle, tmp_path / "model.pt")
-    convert_torch_weights.main([str(path), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
-    _, params = load_transformer(tmp_path / "out")
+def test_torch_pickle_round_trips(converted_pickle, expected_params):
+    _, params = load_transformer(converted_pickle)
     assert_trees_equal(params, expected_params)
 
 
@@ -92,11 +101,19 @@ def test_files_without_config_need_one(oracle_fp32, tmp_path):
         convert_torch_weights.main([str(path), str(tmp_path / "out")])
 
 
-def test_load_casts_to_requested_param_dtype(oracle_fp32, tmp_path):
+def test_staging_folder_of_a_killed_run_is_removed(oracle_fp32, tmp_path):
     oracle, _ = oracle_fp32
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.partial-{dead.pid}"
+    (stale / "transformer").mkdir(parents=True)
     write_torch_pickle(oracle, tmp_path / "model.pt")
     convert_torch_weights.main([str(tmp_path / "model.pt"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
-    model, params = load_transformer(tmp_path / "out", param_dtype="bfloat16", dtype="bfloat16")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt", "out"]
+
+
+def test_load_casts_to_requested_param_dtype(converted_pickle):
+    model, params = load_transformer(converted_pickle, param_dtype="bfloat16", dtype="bfloat16")
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(jax.numpy.bfloat16)}
     assert model.config.dtype == "bfloat16"
 
@@ -120,13 +137,10 @@ def test_mismatched_checkpoint_names_the_key(oracle_fp32, tmp_path, edit, messag
     assert [path.name for path in tmp_path.iterdir()] == ["broken.pt"]  # no output, no partial staging folder
 
 
-def test_load_places_params_with_the_requested_sharding(oracle_fp32, tmp_path):
-    oracle, _ = oracle_fp32
-    write_torch_pickle(oracle, tmp_path / "model.pt")
-    convert_torch_weights.main([str(tmp_path / "model.pt"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
+def test_load_places_params_with_the_requested_sharding(converted_pickle):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    _, params = load_transformer(tmp_path / "out", sharding=replicated)
+    _, params = load_transformer(converted_pickle, sharding=replicated)
     assert {leaf.sharding for leaf in jax.tree.leaves(params)} == {replicated}
 
 
@@ -268,18 +282,17 @@ def test_other_architectures_are_refused_by_name(oracle_fp32, tmp_path, capsys, 
 
 def test_bidirectional_config_yaml_beside_the_file_is_accepted(oracle_fp32, expected_params, tmp_path):
     oracle, _ = oracle_fp32
-    released = {"model": "SanaMSVideoCamCtrl_1600M_P1_D20", "attn_type": "BidirectionalGDNTriton",
-                "camctrl_type": "BidirectionalGDNUCPESinglePathLiteLABothTriton", "ffn_type": "GLUMBConvTemp"}
+    released = {"model": "SanaMSVideoCamCtrl_1600M_P1_D20", "attn_type": "BidirectionalGDNTriton",  # its yaml
+                "camctrl_type": "BidirectionalGDNUCPESinglePathLiteLABothTriton", "ffn_type": "GLUMBConvTemp",
+                "pos_embed_type": "wan_rope", "chunk_split_strategy": "first_chunk_plus_one"}
     argv = nvlabs_repo(released)(oracle, tmp_path)
     convert_torch_weights.main([str(argv[0]), str(tmp_path / "out"), *argv[1:]])
     assert_trees_equal(load_transformer(tmp_path / "out")[1], expected_params)
 
 
 @pytest.mark.parametrize("change", [{"hidden_size": 96}, {"num_layers": 2}], ids=["width", "depth"])
-def test_checkpoint_of_another_config_names_the_first_mismatching_parameter(oracle_fp32, tmp_path, change):
-    oracle, _ = oracle_fp32
-    write_torch_pickle(oracle, tmp_path / "model.pt")
-    convert_torch_weights.main([str(tmp_path / "model.pt"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
+def test_checkpoint_of_another_config_names_the_first_mismatching_parameter(converted_pickle, tmp_path, change):
+    shutil.copytree(converted_pickle, tmp_path / "out")
     config_path = tmp_path / "out" / "transformer" / "config.json"
     other = SanaWMConfig.from_dict({**json.loads(config_path.read_text()), **change})
     config_path.write_text(json.dumps(other.to_dict()))
@@ -296,13 +309,11 @@ def test_checkpoint_of_another_config_names_the_first_mismatching_parameter(orac
     assert saved != wanted
 
 
-def test_sample_names_the_parameter_of_a_checkpoint_of_another_preset(oracle_fp32, tmp_path, capsys):
+def test_sample_names_the_parameter_of_a_checkpoint_of_another_preset(converted_pickle, tmp_path, capsys):
     import sample
     from sanawm_jax import demo
 
-    oracle, _ = oracle_fp32
-    write_torch_pickle(oracle, tmp_path / "model.pt")
-    convert_torch_weights.main([str(tmp_path / "model.pt"), str(tmp_path / "ckpt"), "--config", "sana_wm_tiny"])
+    shutil.copytree(converted_pickle, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "vae").mkdir()
     (tmp_path / "ckpt" / "vae" / "config.json").write_text("{}")  # never read: the DiT fails to load first
     other = PRESETS["sana_wm_tiny"].replace(hidden_size=96)

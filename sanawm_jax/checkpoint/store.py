@@ -8,6 +8,7 @@ component: `transformer/`, `vae/` and `text_encoder/` (the last also holds the t
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -84,12 +85,18 @@ def _shape(shape: tuple[int, ...] | None) -> str:
 @contextlib.contextmanager
 def staged_directory(out_dir):
     """Yield a temporary sibling of `out_dir` to write into; it is renamed to `out_dir` on success and deleted on
-    failure, so a failed run leaves nothing behind. `out_dir` must not exist or be an empty directory."""
+    failure, so a failed run leaves nothing behind (staging folders of killed runs are removed by the next run).
+    `out_dir` must not exist or be an empty directory."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose a new output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    prefix = f".{out_dir.name}.partial-"
+    for stale in out_dir.parent.glob(glob.escape(prefix) + "*"):  # left by runs that were killed
+        pid = stale.name.removeprefix(prefix)
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir.with_name(f"{prefix}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -97,6 +104,16 @@ def staged_directory(out_dir):
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def component_dir(ckpt_dir, component: str) -> Path:
