@@ -15,12 +15,12 @@ from sanawm_jax.models.gemma.gemma2 import Gemma2Config
 from sanawm_jax.models.ltx2_vae import VAEConfig, abstract_vae_params, convert_vae
 from sanawm_jax.models.sana_wm.checkpoint import (
     NULL_CAPTION_FILE,
+    NULL_CAPTION_KEY,
     TRANSFORMER_DIR,
     check_bidirectional_dit,
-    convert_state_dict,
+    convert_transformer,
     detect_layout,
     load_transformer,
-    read_null_caption_embedding,
     save_transformer,
 )
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
@@ -74,11 +74,11 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     with store.staged_directory(out_dir) as staging:
         log(f"transformer: converting {source.description} ({len(source.keys())} tensors, "
             f"{detect_layout(source.keys())} layout)")
-        params = convert_state_dict(source, config, log=log)
-        null_caption = read_null_caption_embedding(source, config)
+        params, null_caption = convert_transformer(source, config, log=log)
         save_transformer(staging / TRANSFORMER_DIR, params, config, null_caption)
         if null_caption is not None:
-            log(f"transformer: kept the null caption embedding {null_caption.shape} ({NULL_CAPTION_FILE})")
+            log(f"transformer: kept {NULL_CAPTION_KEY} {null_caption.shape} as the null caption embedding "
+                f"({NULL_CAPTION_FILE})")
 
         if vae is None:
             log("vae: no folder given or found, skipped")

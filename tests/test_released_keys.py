@@ -16,7 +16,10 @@ from safetensors.torch import save_file
 
 import convert_torch_weights
 from sanawm_jax import load_transformer
+from sanawm_jax.checkpoint.keymap import ConversionError
+from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
 from sanawm_jax.models.sana_wm.checkpoint import (
+    convert_state_dict,
     load_null_caption_embedding,
     released_table,
     released_tensor_shapes,
@@ -135,5 +138,16 @@ def test_released_nvlabs_names_convert_bit_for_bit_like_the_diffusers_folder(tin
     assert load_null_caption_embedding(tmp_path / "from_diffusers") is None
     unused = [line for line in log if line.startswith("not converted")]
     assert len(unused) == 1
-    for name in ("pos_embed", "y_embedder.y_embedding", f"blocks.N.attn.recall_gate (x{oracle.config.num_layers})"):
-        assert name in unused[0]
+    assert unused[0].endswith(f": blocks.N.attn.recall_gate (x{oracle.config.num_layers}), pos_embed")
+    assert any("kept y_embedder.y_embedding (300, 32) as the null caption embedding" in line for line in log)
+
+
+def test_nvlabs_null_caption_embedding_is_checked_like_every_tensor(tiny_oracle, rule_tiny):
+    oracle, _ = tiny_oracle
+    state = nvlabs_state_dict(copy.deepcopy(oracle).float(), rule_tiny["nvlabs"])
+    state["y_embedder.y_embedding"] = torch.zeros(300, 31)
+    with pytest.raises(ConversionError, match=r"first mis-shaped: y_embedder\.y_embedding: source \(300, 31\)"):
+        convert_state_dict(TorchStateDictSource(state, "edited"), PRESETS["sana_wm_tiny"], log=lambda *_: None)
+    del state["y_embedder.y_embedding"]
+    with pytest.raises(ConversionError, match=r"first missing: y_embedder\.y_embedding"):
+        convert_state_dict(TorchStateDictSource(state, "edited"), PRESETS["sana_wm_tiny"], log=lambda *_: None)

@@ -6,8 +6,8 @@ Released layouts of the bidirectional DiT (every tensor's name and shape for the
   * "nvlabs": NVlabs/Sana's flat `dit/sana_wm_1600m_720p.safetensors`: the same names, except that the timestep MLP
     is `t_embedder.mlp.0/2` (diffusers: `t_embedder.linear_1/2`), plus the sin-cos table `pos_embed` and the null
     caption embedding `y_embedder.y_embedding` (what training's text dropout substitutes for the caption).
-Both hold the GDN buffer `blocks.N.attn.recall_gate`. The model uses neither `pos_embed` nor `recall_gate`; the null
-caption embedding is kept beside the converted params (`load_null_caption_embedding`).
+Both hold the GDN buffer `blocks.N.attn.recall_gate`. The model uses neither `pos_embed` nor `recall_gate` (they are
+listed, not converted); the null caption embedding is kept beside the params (`load_null_caption_embedding`).
 
 Naming: the Flax tree mirrors the diffusers module path, with `blocks.N` -> `blocks_N`, three wrapper modules folded
 away (`t_block.1`, `y_embedder.y_proj`, the `.conv` inside FFN conv layers), and `weight` -> `kernel` (Linear, Conv)
@@ -20,10 +20,11 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from sanawm_jax.checkpoint import store
-from sanawm_jax.checkpoint.keymap import ConversionError, convert_tensors, flatten, torch_name, torch_shape
+from sanawm_jax.checkpoint.keymap import convert_tensors, flatten, torch_name, torch_shape
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params
 
@@ -46,14 +47,12 @@ RENAMES["nvlabs"] = RENAMES["diffusers"] + (
     (r"^t_embedder\.linear_2\.", "t_embedder.mlp.2."),
 )
 NULL_CAPTION_KEY = "y_embedder.y_embedding"
+NULL_CAPTION_PATH = ("null_caption_embedding",)  # its slot beside the params while converting
 POS_EMBED_KEY = "pos_embed"
 RECALL_GATE = r"^blocks\.\d+\.attn\.recall_gate$"
-KNOWN_UNUSED = {
-    "diffusers": (RECALL_GATE,),
-    "nvlabs": (RECALL_GATE, rf"^{POS_EMBED_KEY}$", rf"^{re.escape(NULL_CAPTION_KEY)}$"),
-}
-# Sizes of the released NVlabs config behind the unused tensors: model_max_length 300 (rows of the null caption
-# embedding) and image_size 720 over the VAE stride 32 (pos_embed holds a 22 x 22 grid).
+KNOWN_UNUSED = {"diffusers": (RECALL_GATE,), "nvlabs": (RECALL_GATE, rf"^{POS_EMBED_KEY}$")}
+# Sizes of the released NVlabs config behind the tensors outside the params: model_max_length 300 (rows of the null
+# caption embedding, as many as text tokens) and image_size 720 over the VAE stride 32 (pos_embed: a 22 x 22 grid).
 RELEASED_TEXT_TOKENS = 300
 RELEASED_POS_EMBED_GRID = 720 // 32
 
@@ -69,10 +68,20 @@ STREAMING_PICKLE_KEYS = ("critic", "denoising_step_list")
 
 def torch_key(path: tuple[str, ...], layout: str = "diffusers") -> str:
     """("blocks_3", "attn", "qkv", "kernel") -> "blocks.3.attn.qkv.weight": the key a parameter is read from."""
+    if path == NULL_CAPTION_PATH:
+        return NULL_CAPTION_KEY
     name = torch_name(path, numbered="blocks")
     for pattern, replacement in RENAMES[layout]:
         name = re.sub(pattern, replacement, name)
     return name
+
+
+def expected_tensors(config: SanaWMConfig, layout: str) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """The slots a checkpoint of `layout` fills: the params, and for "nvlabs" the null caption embedding."""
+    expected = flatten(abstract_params(config))
+    if layout == "nvlabs":
+        expected[NULL_CAPTION_PATH] = jax.ShapeDtypeStruct((RELEASED_TEXT_TOKENS, config.caption_channels), np.float32)
+    return expected
 
 
 def detect_layout(keys) -> str:
@@ -87,15 +96,14 @@ def is_known_unused(key: str, layout: str) -> bool:
 
 def released_tensor_shapes(config: SanaWMConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     """{layout: {name: PyTorch shape}}: every tensor a released checkpoint of each layout holds for a model of
-    `config`: the parameters through the key map, plus the buffers the model does not use."""
-    params = flatten(abstract_params(config))
+    `config`: what the key map reads, plus the buffers the model does not use."""
     tables = {}
     for layout in LAYOUTS:
-        shapes = {torch_key(path, layout): torch_shape(struct.shape, path[-1]) for path, struct in params.items()}
+        shapes = {torch_key(path, layout): torch_shape(struct.shape, path[-1])
+                  for path, struct in expected_tensors(config, layout).items()}
         shapes.update({f"blocks.{index}.attn.recall_gate": (1,) for index in range(config.num_layers)})
         if layout == "nvlabs":
             shapes[POS_EMBED_KEY] = (1, RELEASED_POS_EMBED_GRID**2, config.hidden_size)
-            shapes[NULL_CAPTION_KEY] = (RELEASED_TEXT_TOKENS, config.caption_channels)
         tables[layout] = shapes
     return tables
 
@@ -157,27 +165,19 @@ def check_bidirectional_dit(source) -> None:
         raise ValueError(f"{where} is a SANA-WM {variant} DiT checkpoint (by {evidence}); {NOT_SUPPORTED}")
 
 
-def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
-    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) in either released layout into a params
-    tree of numpy arrays in `config.param_dtype`, reading one tensor at a time."""
+def convert_transformer(source, config: SanaWMConfig, log=print) -> tuple[dict, np.ndarray | None]:
+    """Convert a `TensorSource` (see `torch_sources.open_torch_checkpoint`) in either released layout, reading one
+    tensor at a time -> (params tree of numpy arrays in `config.param_dtype`, the null caption embedding
+    (tokens, caption_channels) float32 of an NVlabs-layout source, else None)."""
     layout = detect_layout(source.keys())
-    expected = flatten(abstract_params(config))
-    return convert_tensors(source, expected, lambda path: torch_key(path, layout), "the model config",
-                           lambda key: is_known_unused(key, layout), log)
+    params = convert_tensors(source, expected_tensors(config, layout), lambda path: torch_key(path, layout),
+                             "the model config", lambda key: is_known_unused(key, layout), log)
+    return params, params.pop(NULL_CAPTION_PATH[0], None)
 
 
-def read_null_caption_embedding(source, config: SanaWMConfig) -> np.ndarray | None:
-    """The null caption embedding (tokens, caption_channels) of an NVlabs-layout source, as float32; None when the
-    source does not carry one (diffusers folders)."""
-    if NULL_CAPTION_KEY not in source.keys():
-        return None
-    shape = tuple(source.shape(NULL_CAPTION_KEY))
-    if len(shape) != 2 or shape[1] != config.caption_channels:
-        raise ConversionError(
-            f"checkpoint {source.description}: {NULL_CAPTION_KEY} has shape {shape}, expected (tokens, "
-            f"{config.caption_channels}) for caption_channels={config.caption_channels}"
-        )
-    return source.load(NULL_CAPTION_KEY).astype(np.float32)
+def convert_state_dict(source, config: SanaWMConfig, log=print) -> dict:
+    """The params of `convert_transformer`."""
+    return convert_transformer(source, config, log)[0]
 
 
 def save_transformer(out_dir, params, config: SanaWMConfig, null_caption: np.ndarray | None = None) -> Path:
