@@ -130,6 +130,5 @@ def convert_tensors(source, expected: dict, to_key: Callable[[tuple[str, ...]], 
         log(f"not converted ({len(unused)} tensor(s) the model does not use): {summarize_keys(unused)}")
     params = {}
     for key, path in wanted.items():
-        array = to_flax_layout(source.load(key), path[-1])
-        params[path] = np.ascontiguousarray(array).astype(expected[path].dtype)
+        params[path] = np.ascontiguousarray(to_flax_layout(source.load(key), path[-1]), dtype=expected[path].dtype)
     return unflatten(params)
