@@ -39,6 +39,17 @@ def _present(folder: Path | None) -> Path | None:
     return folder if folder is not None and folder.is_dir() else None
 
 
+def _dit_source(src: Path) -> Path:
+    """`src`, or the DiT file of an NVlabs release folder (`dit/<name>.safetensors` beside `vae/`)."""
+    if not src.is_dir() or (src / "config.json").exists() or (src / TRANSFORMER_DIR).is_dir():
+        return src
+    dit_files = sorted((src / NVLABS_DIT_DIR).glob("*.safetensors"))
+    if len(dit_files) > 1:
+        raise ValueError(f"{src}: several DiT files in {NVLABS_DIT_DIR}/ ({', '.join(p.name for p in dit_files)}); "
+                         "give one of them as the source")
+    return dit_files[0] if dit_files else src
+
+
 def _given(folder, what: str) -> Path:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such {what} folder")
@@ -49,19 +60,16 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
                      tokenizer=None, log=print) -> Path:
     """Convert a released SANA-WM pipeline into `out_dir/{transformer,vae,text_encoder}`.
 
-    src: the bidirectional DiT (a diffusers pipeline root or transformer folder, an NVlabs .safetensors, or a torch
-    pickle); released checkpoints of other kinds (chunk-causal or streaming DiT, refiner) are refused by name.
+    src: the bidirectional DiT (a diffusers pipeline root or transformer folder, an NVlabs release folder or its
+    `dit/*.safetensors`, or a torch pickle); released checkpoints of other kinds (chunk-causal or streaming DiT,
+    refiner) are refused by name.
     vae / text_encoder / tokenizer: folders of the other components; by default the `vae/`, `text_encoder/` and
-    `tokenizer/` subfolders of a pipeline root `src`, when present. Components that are not found are skipped (and
+    `tokenizer/` subfolders of a pipeline or release root `src`, when present. Components that are not found are skipped (and
     said so); the DiT is always converted. The DiT config comes from `config`, else from the source's config.json.
     Everything is written into a temporary sibling of `out_dir` that becomes `out_dir` only when all succeeded.
     """
     src = Path(src)
-    dit_files = sorted((src / NVLABS_DIT_DIR).glob("*.safetensors")) if src.is_dir() else []
-    if dit_files and not (src / "config.json").exists() and not (src / TRANSFORMER_DIR).is_dir():
-        raise ValueError(f"{src} is an NVlabs release folder: give its DiT file {dit_files[0]} as the source, with "
-                         f"--config sana_wm_2.6b --vae {src / VAE_DIR}")
-    source = open_torch_checkpoint(src)
+    source = open_torch_checkpoint(_dit_source(src))
     check_bidirectional_dit(source)
     if config is None:
         if source.config is None:

@@ -168,12 +168,6 @@ def output_not_empty(oracle, folder):
     return [write_torch_pickle(oracle, folder / "model.pt"), "--config", "sana_wm_tiny"]
 
 
-def nvlabs_release_root(oracle, folder):
-    (folder / "SANA-WM_bidirectional" / "dit").mkdir(parents=True)
-    write_flat_file(oracle, folder / "SANA-WM_bidirectional" / "dit" / "sana_wm_1600m_720p.safetensors")
-    return [folder / "SANA-WM_bidirectional"]
-
-
 def unknown_config(oracle, folder):
     return [write_torch_pickle(oracle, folder / "model.pt"), "--config", "sana_wm_huge"]
 
@@ -186,10 +180,8 @@ def unknown_config(oracle, folder):
         (pickle_without_config, "carries no config.json: pass a config"),
         (output_not_empty, "already exists and is not empty"),
         (unknown_config, "unknown config 'sana_wm_huge'"),
-        (nvlabs_release_root, "is an NVlabs release folder: give its DiT file"),
     ],
-    ids=["missing-path", "corrupt-safetensors", "pickle-without-config", "output-not-empty", "unknown-config",
-         "nvlabs-release-root"],
+    ids=["missing-path", "corrupt-safetensors", "pickle-without-config", "output-not-empty", "unknown-config"],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(oracle_fp32, tmp_path, capsys, make_input, message):
     oracle, _ = oracle_fp32
@@ -242,6 +234,11 @@ def nvlabs_repo(model_section, file_name="sana_wm_1600m_720p.safetensors"):
     return make
 
 
+def chunk_causal_release_folder(oracle, folder):
+    nvlabs_repo({"attn_type": "ChunkCausalGDNTriton", "chunk_size": 3})(oracle, folder)
+    return [folder / "repo", "--config", "sana_wm_tiny"]
+
+
 def diffusers_config_with(**fields):
     def make(oracle, folder):
         oracle.save_pretrained(folder / "transformer")
@@ -265,10 +262,11 @@ def diffusers_config_with(**fields):
          "is a SANA-WM streaming DiT checkpoint (by its config.yaml)"),
         (nvlabs_repo(None, "sana_wm_chunk_causal_1600m_720p.safetensors"),
          "is a SANA-WM chunk-causal DiT checkpoint (by file name)"),
+        (chunk_causal_release_folder, "chunk-causal DiT checkpoint (by its config.yaml)"),
         (diffusers_config_with(chunk_size=3), "is a SANA-WM chunk-causal DiT checkpoint (by config.json)"),
     ],
     ids=["streaming-model-pt", "refiner", "refiner-root", "connectors", "vae", "chunk-causal-yaml", "streaming-yaml",
-         "chunk-causal-name", "chunk-causal-diffusers"],
+         "chunk-causal-name", "chunk-causal-release-folder", "chunk-causal-diffusers"],
 )
 def test_other_architectures_are_refused_by_name(oracle_fp32, tmp_path, capsys, make_input, message):
     oracle, _ = oracle_fp32
@@ -280,13 +278,13 @@ def test_other_architectures_are_refused_by_name(oracle_fp32, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_bidirectional_config_yaml_beside_the_file_is_accepted(oracle_fp32, expected_params, tmp_path):
+def test_bidirectional_release_folder_with_its_config_yaml_is_accepted(oracle_fp32, expected_params, tmp_path):
     oracle, _ = oracle_fp32
     released = {"model": "SanaMSVideoCamCtrl_1600M_P1_D20", "attn_type": "BidirectionalGDNTriton",  # its yaml
                 "camctrl_type": "BidirectionalGDNUCPESinglePathLiteLABothTriton", "ffn_type": "GLUMBConvTemp",
                 "pos_embed_type": "wan_rope", "chunk_split_strategy": "first_chunk_plus_one"}
-    argv = nvlabs_repo(released)(oracle, tmp_path)
-    convert_torch_weights.main([str(argv[0]), str(tmp_path / "out"), *argv[1:]])
+    nvlabs_repo(released)(oracle, tmp_path)
+    convert_torch_weights.main([str(tmp_path / "repo"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
     assert_trees_equal(load_transformer(tmp_path / "out")[1], expected_params)
 
 
