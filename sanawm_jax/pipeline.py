@@ -29,6 +29,7 @@ VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 NVLABS_DIT_DIR = "dit"  # NVlabs release folders: dit/<name>.safetensors, vae/, refiner/, config.yaml
+NVLABS_STREAMING_DIT = "sana_dit/model.pt"  # the streaming release folder's DiT
 TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json")
 
 
@@ -40,10 +41,11 @@ def _present(folder: Path | None) -> Path | None:
 
 
 def _dit_source(src: Path) -> Path:
-    """`src`, or the DiT file of an NVlabs release folder (`dit/<name>.safetensors` beside `vae/`)."""
+    """`src`, or the DiT file of an NVlabs release folder (`dit/<name>.safetensors` beside `vae/`, or the streaming
+    release's `sana_dit/model.pt`)."""
     if not src.is_dir() or (src / "config.json").exists() or (src / TRANSFORMER_DIR).is_dir():
         return src
-    dit_files = sorted((src / NVLABS_DIT_DIR).glob("*.safetensors"))
+    dit_files = sorted((src / NVLABS_DIT_DIR).glob("*.safetensors")) + sorted(src.glob(NVLABS_STREAMING_DIT))
     if len(dit_files) > 1:
         raise ValueError(f"{src}: several DiT files in {NVLABS_DIT_DIR}/ ({', '.join(p.name for p in dit_files)}); "
                          "give one of them as the source")

@@ -208,6 +208,12 @@ def test_mismatch_error_sums_up_on_its_first_line(oracle_fp32, tmp_path, capsys)
     assert [path.name for path in tmp_path.iterdir()] == ["broken.pt"]
 
 
+def streaming_release_folder(oracle, folder):
+    (folder / "SANA-WM_streaming" / "sana_dit").mkdir(parents=True)
+    streaming_pickle(oracle, folder / "SANA-WM_streaming" / "sana_dit")
+    return [folder / "SANA-WM_streaming", "--config", "sana_wm_tiny"]
+
+
 def folder_of_class(class_name, subfolder=""):
     def make(oracle, folder):
         model_dir = folder / "release" / subfolder
@@ -252,6 +258,7 @@ def diffusers_config_with(**fields):
     "make_input, message",
     [
         (streaming_pickle, "is a SANA-WM streaming checkpoint (model.pt with generator/critic); converting it is not"),
+        (streaming_release_folder, "model.pt is a SANA-WM streaming checkpoint"),
         (folder_of_class("SanaWMLTX2RefinerTransformer3DModel"), "is a SANA-WM stage-2 refiner transformer folder"),
         (folder_of_class("SanaWMLTX2RefinerTransformer3DModel", "transformer"), "refiner transformer folder"),
         (folder_of_class("LTX2TextConnectors"), "is a SANA-WM refiner text-connector folder"),
@@ -265,7 +272,7 @@ def diffusers_config_with(**fields):
         (chunk_causal_release_folder, "chunk-causal DiT checkpoint (by its config.yaml)"),
         (diffusers_config_with(chunk_size=3), "is a SANA-WM chunk-causal DiT checkpoint (by config.json)"),
     ],
-    ids=["streaming-model-pt", "refiner", "refiner-root", "connectors", "vae", "chunk-causal-yaml", "streaming-yaml",
+    ids=["streaming-model-pt", "streaming-release-folder", "refiner", "refiner-root", "connectors", "vae", "chunk-causal-yaml", "streaming-yaml",
          "chunk-causal-name", "chunk-causal-release-folder", "chunk-causal-diffusers"],
 )
 def test_other_architectures_are_refused_by_name(oracle_fp32, tmp_path, capsys, make_input, message):
