@@ -6,10 +6,10 @@
 SRC is the bidirectional DiT: a diffusers pipeline root (its transformer/, vae/, text_encoder/ and tokenizer/ are all
 converted), a diffusers transformer folder, the NVlabs release folder (its dit/sana_wm_1600m_720p.safetensors and vae/)
 or that flat .safetensors alone, or a torch pickle ({"state_dict"|"model"|"generator": state_dict}, optional "model."
-prefix). Released checkpoints of other kinds (chunk-causal or streaming DiT, refiner) are refused by name. --vae takes a diffusers
-AutoencoderKLLTX2Video folder, --text-encoder a Hugging Face Gemma-2 folder (tokenizer files in it or in --tokenizer).
-OUT_DIR gets transformer/ (with the null caption embedding of an NVlabs file), vae/ and text_encoder/; it is written
-only when every component converted. Bad input is one `error:` line and exit code 2.
+prefix). Released checkpoints of other kinds (chunk-causal or streaming DiT, refiner) are refused by name.
+--vae takes a diffusers AutoencoderKLLTX2Video folder, --text-encoder a Hugging Face Gemma-2 folder (tokenizer files
+in it or in --tokenizer). OUT_DIR gets transformer/ (with the null caption embedding of an NVlabs file), vae/ and
+text_encoder/; it is written only when every component converted. Bad input is one `error:` line and exit code 2.
 """
 
 from sanawm_jax import cli

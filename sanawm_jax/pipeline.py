@@ -66,9 +66,10 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     `dit/*.safetensors`, or a torch pickle); released checkpoints of other kinds (chunk-causal or streaming DiT,
     refiner) are refused by name.
     vae / text_encoder / tokenizer: folders of the other components; by default the `vae/`, `text_encoder/` and
-    `tokenizer/` subfolders of a pipeline or release root `src`, when present. Components that are not found are skipped (and
-    said so); the DiT is always converted. The DiT config comes from `config`, else from the source's config.json.
-    Everything is written into a temporary sibling of `out_dir` that becomes `out_dir` only when all succeeded.
+    `tokenizer/` subfolders of a pipeline or release root `src`, when present. Components that are not found are
+    skipped (and said so); the DiT is always converted. The DiT config comes from `config`, else from the source's
+    config.json. Everything is written into a temporary sibling of `out_dir` that becomes `out_dir` only when all
+    succeeded.
     """
     src = Path(src)
     source = open_torch_checkpoint(_dit_source(src))
@@ -81,6 +82,8 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     vae = _given(vae, "VAE") if vae else _present(root and root / VAE_DIR)
     text_encoder = _given(text_encoder, "text encoder") if text_encoder else _present(root and root / TEXT_ENCODER_DIR)
     tokenizer = _given(tokenizer, "tokenizer") if tokenizer else _present(root and root / TOKENIZER_DIR) or text_encoder
+    if text_encoder is not None:
+        load_tokenizer(tokenizer)  # an unusable tokenizer fails before anything is converted
     with store.staged_directory(out_dir) as staging:
         log(f"transformer: converting {source.description} ({len(source.keys())} tensors, "
             f"{detect_layout(source.keys())} layout)")
@@ -100,7 +103,6 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
         if text_encoder is None:
             log("text encoder: no folder given or found, skipped")
         else:
-            load_tokenizer(tokenizer)  # fail before converting if the tokenizer is unusable
             gemma_config, gemma_params = load_gemma2(text_encoder, log=log)
             target = staging / TEXT_ENCODER_DIR
             store.save_params(target, gemma_params, gemma_config.to_dict())

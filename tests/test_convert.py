@@ -272,8 +272,9 @@ def diffusers_config_with(**fields):
         (chunk_causal_release_folder, "chunk-causal DiT checkpoint (by its config.yaml)"),
         (diffusers_config_with(chunk_size=3), "is a SANA-WM chunk-causal DiT checkpoint (by config.json)"),
     ],
-    ids=["streaming-model-pt", "streaming-release-folder", "refiner", "refiner-root", "connectors", "vae", "chunk-causal-yaml", "streaming-yaml",
-         "chunk-causal-name", "chunk-causal-release-folder", "chunk-causal-diffusers"],
+    ids=["streaming-model-pt", "streaming-release-folder", "refiner", "refiner-root", "connectors", "vae",
+         "chunk-causal-yaml", "streaming-yaml", "chunk-causal-name", "chunk-causal-release-folder",
+         "chunk-causal-diffusers"],
 )
 def test_other_architectures_are_refused_by_name(oracle_fp32, tmp_path, capsys, make_input, message):
     oracle, _ = oracle_fp32
