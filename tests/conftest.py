@@ -60,3 +60,14 @@ def tiny_oracle():
     model = SanaWMTransformer3DModel(**TINY_DIFFUSERS_CONFIG).eval()
     randomize_(model, seed=1)
     return model.double(), dict(TINY_DIFFUSERS_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def demo_train_data(tmp_path_factory):
+    """The embedded default data of train.py (synthetic clips, tiny demo VAE latents and text embeddings), built
+    once per session: DIR/clips and DIR/text."""
+    from sanawm_jax.demo import build_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo_train") / "data"
+    build_demo_dataset(root)
+    return root

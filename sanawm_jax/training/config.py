@@ -9,7 +9,7 @@ from sanawm_jax.frozen_config import FrozenConfig
 # Fields that shape the run (data, length, checkpoints, seed, devices) but not the computation of one train step.
 RUN_FIELDS = (
     "text_dropout", "num_frames", "target_size", "batch_size", "num_steps", "checkpoint_every", "max_checkpoints",
-    "seed", "mesh_data", "mesh_fsdp",
+    "seed", "mesh_data", "mesh_fsdp", "log_every",
 )
 
 
@@ -26,6 +26,7 @@ class TrainConfig(FrozenConfig):
     batch_size: examples per step on this process.
     num_steps, checkpoint_every, max_checkpoints: run length, checkpoint interval and how many checkpoints to keep.
     mesh_data, mesh_fsdp: ("data", "fsdp") device mesh; -1 data takes every device not used by fsdp.
+    log_every: steps per record of WORKDIR/metrics.jsonl and TensorBoard (means over those steps).
     """
 
     learning_rate: float = 1e-5
@@ -47,6 +48,7 @@ class TrainConfig(FrozenConfig):
     seed: int = 3407
     mesh_data: int = -1
     mesh_fsdp: int = 1
+    log_every: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -67,6 +69,7 @@ class TrainConfig(FrozenConfig):
             (self.checkpoint_every >= 1, "checkpoint_every must be positive"),
             (self.max_checkpoints >= 1, "max_checkpoints must be positive"),
             (self.mesh_fsdp >= 1 and (self.mesh_data == -1 or self.mesh_data >= 1), "mesh sizes must be positive"),
+            (self.log_every >= 1, "log_every must be positive"),
         ]
         self.check(checks)
 

@@ -5,7 +5,13 @@
 
 A checkpoint (every `checkpoint_every` steps and at the end of a run) holds params, optimiser state, the step and
 the grain iterator state, so a run that is stopped and resumed consumes the same batches and the same per-step
-random numbers (`jax.random.fold_in(key, step)`) as an uninterrupted one.
+random numbers (`jax.random.fold_in(key, step)`) as an uninterrupted one. Orbax commits a checkpoint by renaming its
+finished temporary directory, so a run killed while saving leaves no partial checkpoint (its temporary directory is
+removed when the next run starts). A checkpoint that cannot be restored is moved to `workdir/corrupt_checkpoints`
+with a warning and the next older one is restored.
+
+Every `log_every` steps the run appends a record to `workdir/metrics.jsonl` and TensorBoard (see `metrics`); on an
+interactive terminal a progress bar shows the steps.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -20,6 +28,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
 from sanawm_jax.models.sana_wm.transformer import (
@@ -30,8 +40,10 @@ from sanawm_jax.models.sana_wm.transformer import (
 from sanawm_jax.parallel import batch_sharding, fsdp_shardings, make_mesh
 from sanawm_jax.training import objective
 from sanawm_jax.training.config import TrainConfig
+from sanawm_jax.training.metrics import MetricsWriter
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
 CONFIG_FILE = "train_config.json"
 MODEL_INPUTS = ("latents", "camera_conditions", "chunk_plucker", "text", "text_mask", "frame_valid_mask")
 
@@ -125,9 +137,18 @@ def init_program(model_config: SanaWMConfig, mesh: Mesh):
     return jax.jit(lambda key: init_params(model_config, key), out_shardings=shardings)
 
 
+def tokens_per_step(model_config: SanaWMConfig, latents_shape: tuple[int, ...]) -> int:
+    """DiT tokens of one step over every process: batch x latent frames x spatial patches, for per-process latents
+    of shape (B, T, H, W, C)."""
+    batch, frames, height, width, _ = latents_shape
+    _, patch_h, patch_w = model_config.patch_size
+    return jax.process_count() * batch * frames * (height // patch_h) * (width // patch_w)
+
+
 class Trainer:
     """Params and optimiser state sharded over a ("data", "fsdp") mesh, a batch iterator, and a checkpoint manager
-    in `workdir/checkpoints`. With `resume` (the default) the latest checkpoint there is restored."""
+    in `workdir/checkpoints`. With `resume` (the default) the newest checkpoint there that restores is restored.
+    One run per workdir: `train.py` holds `lock.WorkdirLock` around it."""
 
     def __init__(self, model_config: SanaWMConfig, config: TrainConfig, workdir, dataset, resume: bool = True):
         self.model_config = model_config
@@ -144,16 +165,19 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.manager = ocp.CheckpointManager(
             self.workdir / CHECKPOINT_DIR,
-            options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, enable_async_checkpointing=False),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=config.max_checkpoints, enable_async_checkpointing=False, cleanup_tmp_directories=True
+            ),
         )
         self._train_step = train_step_program(model_config, config.step_settings(), self.mesh)
         self.step = 0
         if resume and self.manager.latest_step() is not None:
             self._check_saved_model_config()
-            self.restore(self.manager.latest_step())
+            self.restore_newest_intact()
         else:
             self._initialize()
             self._write_configs()
+        self.metrics = MetricsWriter(self.workdir, self.step)
 
     def _initialize(self):
         self.params = init_program(self.model_config, self.mesh)(init_key(self.config.seed))
@@ -200,33 +224,98 @@ class Trainer:
         self.step = step
         logger.info("resumed from %s at step %d", self.workdir / CHECKPOINT_DIR, step)
 
+    def restore_newest_intact(self):
+        """Restore the newest checkpoint that restores; move the newer ones that fail aside (never delete them) so
+        that this run neither overwrites nor garbage-collects them."""
+        corrupt = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self.restore(step)
+                break
+            except Exception as error:  # orbax/TensorStore raise several types for unreadable data
+                if not corrupt:
+                    first_error = error
+                corrupt.append(step)
+                logger.warning("checkpoint step %d in %s cannot be restored: %s", step,
+                               self.workdir / CHECKPOINT_DIR, " ".join(str(error).split())[:300])
+        else:
+            raise ValueError(
+                f"no checkpoint in {self.workdir / CHECKPOINT_DIR} can be restored (steps {corrupt}); the newest "
+                f"fails with: {' '.join(str(first_error).split())[:300]}"
+            ) from first_error
+        for step in corrupt:
+            target = self._move_aside(step)
+            logger.warning("moved the corrupt checkpoint of step %d to %s; resuming from step %d", step, target,
+                           self.step)
+        if corrupt:
+            self.manager.reload()
+
+    def _move_aside(self, step: int) -> Path:
+        source = self.workdir / CHECKPOINT_DIR / str(step)
+        target = self.workdir / CORRUPT_DIR / str(step)
+        suffix = 1
+        while target.exists():
+            target = self.workdir / CORRUPT_DIR / f"{step}-{suffix}"
+            suffix += 1
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(source, target)
+        return target
+
     def train_step(self) -> dict:
         """One optimiser step on the next batch; returns the step number, loss, grad norm and the clip keys used."""
+        start = time.perf_counter()
         batch = next(self.iterator)
         inputs = jax.device_put(model_inputs(batch), self.batch_sharding)
         key = step_key(self.config.seed, self.step)
         self.params, self.opt_state, metrics = self._train_step(self.params, self.opt_state, inputs, key)
         self.step += 1
         record = {"step": self.step, **{name: float(value) for name, value in metrics.items()}}
+        record["step_time_s"] = time.perf_counter() - start  # float() above waited for the step
+        record["tokens"] = tokens_per_step(self.model_config, inputs["latents"].shape)
         record["clips"] = [str(clip) for clip in np.asarray(batch.get("key", []))]
         return record
 
+    def log(self, records: list[dict]) -> dict:
+        """Write the metrics record of the steps in `records` (means of loss, grad norm and step time) to
+        metrics.jsonl and TensorBoard; returns it."""
+        step_time = float(np.mean([record["step_time_s"] for record in records]))
+        logged = {
+            "step": records[-1]["step"],
+            "loss": float(np.mean([record["loss"] for record in records])),
+            "grad_norm": float(np.mean([record["grad_norm"] for record in records])),
+            "learning_rate": self.config.learning_rate,
+            "step_time_s": step_time,
+            "tokens_per_s": float(np.mean([record["tokens"] for record in records])) / step_time,
+        }
+        self.metrics.write(logged)
+        logger.info("step %d loss %.6f grad_norm %.4f %.2f s/step", logged["step"], logged["loss"],
+                    logged["grad_norm"], step_time)
+        return logged
+
     def run(self, num_steps: int | None = None) -> list[dict]:
         """Train until step `num_steps` (default: the config's), checkpointing every `checkpoint_every` steps and
-        at the end; returns one record per step taken (see `train_step`)."""
+        at the end, logging every `log_every` steps and at the end; returns one record per step taken (see
+        `train_step`)."""
         num_steps = self.config.num_steps if num_steps is None else num_steps
-        records = []
-        while self.step < num_steps:
-            record = self.train_step()
-            records.append(record)
-            logger.info("step %d loss %.6f grad_norm %.4f", record["step"], record["loss"], record["grad_norm"])
-            if self.step % self.config.checkpoint_every == 0 or self.step == num_steps:
-                self.save()
+        records, unlogged = [], []
+        bar = tqdm(total=num_steps, initial=self.step, desc="train", unit="step", disable=None, dynamic_ncols=True)
+        with bar, logging_redirect_tqdm():
+            while self.step < num_steps:
+                record = self.train_step()
+                records.append(record)
+                unlogged.append(record)
+                bar.update()
+                if self.step % self.config.log_every == 0 or self.step == num_steps:
+                    bar.set_postfix(loss=f"{self.log(unlogged)['loss']:.4f}")
+                    unlogged = []
+                if self.step % self.config.checkpoint_every == 0 or self.step == num_steps:
+                    self.save()
         self.manager.wait_until_finished()
         return records
 
     def close(self):
         self.manager.close()
+        self.metrics.close()
 
 
 def read_run_configs(workdir) -> tuple[SanaWMConfig, TrainConfig]:
