@@ -7,15 +7,22 @@
 Without --data, a few synthetic clips are rendered into WORKDIR/data, their latents cached with the tiny demo VAE
 and their captions with the tiny demo text encoder (random weights), and the tiny DiT is trained on them. --data is a
 clip directory with cached latents (`python -m sanawm_jax.data.cache latents`), --text its text-embedding store
-(default DATA/text). A workdir that holds checkpoints is resumed from the latest one unless --no-resume.
+(default DATA/text). A workdir that holds checkpoints is resumed from the newest intact one unless --no-resume.
+
+One run at a time holds a workdir (WORKDIR/train.lock). The run appends WORKDIR/metrics.jsonl (step, loss, grad_norm,
+learning_rate, step_time_s, tokens_per_s every --log-every steps) and TensorBoard event files in WORKDIR/tensorboard
+(`tensorboard --logdir WORKDIR/tensorboard`). Bad flags or inputs exit with code 2 and one line; --debug shows the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
+from sanawm_jax import cli
 from sanawm_jax.data import (
     ClipDirectorySource,
     DataConfig,
@@ -26,30 +33,61 @@ from sanawm_jax.demo import DEMO_DATA, build_demo_dataset
 from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.sana_wm.config import get_config
 from sanawm_jax.training import TrainConfig, Trainer
+from sanawm_jax.training.lock import WorkdirLock
+from sanawm_jax.training.objective import TIMESTEP_SAMPLING
 
 CONFIG_ALIASES = {"tiny": "sana_wm_tiny", "2.6b": "sana_wm_2.6b"}
 
 
+def flag_type(convert, ok, requirement: str):
+    """An argparse `type`: `convert` the text and reject values for which `ok` is false, so that the error names the
+    flag ("argument --lr: must be a positive finite number, got 'nan'")."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = flag_type(int, lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE_INT = flag_type(int, lambda v: v >= 0, "an integer >= 0")
+FRAME_COUNT = flag_type(int, lambda v: v >= 1 and (v - 1) % 8 == 0, "8k+1 (9, 17, 25, ...)")
+POSITIVE_FLOAT = flag_type(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+PROBABILITY = flag_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+MESH_SIZE = flag_type(int, lambda v: v == -1 or v >= 1, "a positive integer or -1")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="checkpoints, configs and (by default) the demo data")
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", required=True, help="checkpoints, configs, metrics and (by default) the demo data")
     parser.add_argument("--config", default="tiny", help="tiny | 2.6b | a SanaWMConfig or diffusers config.json")
     parser.add_argument("--data", help="clip directory with cached latents (default: the embedded synthetic set)")
     parser.add_argument("--text", help="text-embedding store (default: DATA/text)")
-    parser.add_argument("--steps", type=int, default=40, help="train until this step")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-frames", type=int, help="pixel frames per clip, 8k+1 (default: 961; demo: 17)")
-    parser.add_argument("--height", type=int, help="frame height the latents encode (default: 704; demo: 64)")
-    parser.add_argument("--width", type=int, help="frame width the latents encode (default: 1280; demo: 96)")
-    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
-    parser.add_argument("--text-dropout", type=float, default=TrainConfig.text_dropout)
-    parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    parser.add_argument("--steps", type=NON_NEGATIVE_INT, default=40, help="train until this step")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=1)
+    parser.add_argument("--num-frames", type=FRAME_COUNT, help="pixel frames per clip, 8k+1 (default: 961; demo: 17)")
+    parser.add_argument("--height", type=POSITIVE_INT, help="frame height the latents encode (default: 704; demo: 64)")
+    parser.add_argument("--width", type=POSITIVE_INT, help="frame width the latents encode (default: 1280; demo: 96)")
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=TrainConfig.learning_rate)
+    parser.add_argument("--text-dropout", type=PROBABILITY, default=TrainConfig.text_dropout)
+    parser.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLING, default=TrainConfig.timestep_sampling,
+                        help="per-frame logit-normal σ, or upstream's stage-1 chunk-timestep mixture")
+    parser.add_argument("--checkpoint-every", type=POSITIVE_INT, default=TrainConfig.checkpoint_every)
+    parser.add_argument("--log-every", type=POSITIVE_INT, default=TrainConfig.log_every,
+                        help="steps per record of WORKDIR/metrics.jsonl and TensorBoard")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--mesh-data", type=int, default=-1, help="data-parallel size (-1: all remaining devices)")
-    parser.add_argument("--mesh-fsdp", type=int, default=1, help="FSDP size")
+    parser.add_argument("--mesh-data", type=MESH_SIZE, default=-1, help="data-parallel size (-1: all remaining devices)")
+    parser.add_argument("--mesh-fsdp", type=POSITIVE_INT, default=1, help="FSDP size")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     parser.add_argument("--remat", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    cli.add_compilation_cache_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -58,10 +96,11 @@ def main(argv=None) -> list[dict]:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("sanawm_jax").setLevel(logging.INFO)
     workdir = Path(args.workdir)
-    if args.data is None:
-        data_dir, text_dir = build_demo_dataset(workdir / "data")
-    else:
-        data_dir, text_dir = Path(args.data), Path(args.text or Path(args.data) / "text")
+    if args.data is not None:  # checked before the workdir is touched
+        source = ClipDirectorySource(args.data, inputs="latents")
+        text_dir = Path(args.text or Path(args.data) / "text")
+        if not text_dir.is_dir():
+            raise FileNotFoundError(f"text-embedding store {text_dir} does not exist (give --text)")
     model_config = get_config(CONFIG_ALIASES.get(args.config, args.config), dtype=args.dtype, remat=args.remat)
     if args.config == "tiny":
         model_config = model_config.replace(in_channels=vae.VAE_PRESETS["ltx2_video_tiny"].latent_channels)
@@ -69,24 +108,28 @@ def main(argv=None) -> list[dict]:
         default_frames, default_size = DEMO_DATA["num_frames"], (DEMO_DATA["height"], DEMO_DATA["width"])
     else:
         default_frames, default_size = TrainConfig.num_frames, TrainConfig.target_size
-    num_frames = args.num_frames or default_frames
-    target_size = (args.height or default_size[0], args.width or default_size[1])
     config = TrainConfig(
-        learning_rate=args.lr, text_dropout=args.text_dropout, num_frames=num_frames, target_size=target_size,
-        batch_size=args.batch_size, num_steps=args.steps, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        mesh_data=args.mesh_data, mesh_fsdp=args.mesh_fsdp,
+        learning_rate=args.lr, text_dropout=args.text_dropout, num_frames=args.num_frames or default_frames,
+        target_size=(args.height or default_size[0], args.width or default_size[1]), batch_size=args.batch_size,
+        num_steps=args.steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+        mesh_data=args.mesh_data, mesh_fsdp=args.mesh_fsdp, timestep_sampling=args.timestep_sampling,
     )
-    data_config = DataConfig(
-        num_frames=config.num_frames, target_size=config.target_size, batch_size=config.batch_size,
-        caption_dropout=config.text_dropout, seed=config.seed,
-    )
-    dataset = make_dataset(ClipDirectorySource(data_dir, inputs="latents"), data_config, TextEmbeddingStore(text_dir))
-    trainer = Trainer(model_config, config, workdir, dataset, resume=not args.no_resume)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
+    cli.apply_compilation_cache_flags(args)
+    with WorkdirLock(workdir):
+        if args.data is None:
+            data_dir, text_dir = build_demo_dataset(workdir / "data")
+            source = ClipDirectorySource(data_dir, inputs="latents")
+        data_config = DataConfig(
+            num_frames=config.num_frames, target_size=config.target_size, batch_size=config.batch_size,
+            caption_dropout=config.text_dropout, seed=config.seed,
+        )
+        dataset = make_dataset(source, data_config, TextEmbeddingStore(text_dir))
+        trainer = Trainer(model_config, config, workdir, dataset, resume=not args.no_resume)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import train
@@ -17,7 +18,6 @@ from sanawm_jax.data import (
     TextEmbeddingStore,
     make_dataset,
 )
-from sanawm_jax.demo import build_demo_dataset
 from sanawm_jax.models.sana_wm.config import PRESETS
 from sanawm_jax.models.sana_wm.transformer import abstract_params
 from sanawm_jax.training import TrainConfig, Trainer, objective, restore_transformer
@@ -32,11 +32,9 @@ TRAIN_CONFIG = TrainConfig(
 
 
 @pytest.fixture(scope="module")
-def default_data(tmp_path_factory):
+def default_data(demo_train_data):
     """The embedded default of train.py (synthetic clips, tiny demo VAE latents and text embeddings)."""
-    root = tmp_path_factory.mktemp("default") / "data"
-    build_demo_dataset(root)
-    return root
+    return demo_train_data
 
 
 def dataset(data_root, config: TrainConfig = TRAIN_CONFIG, source=None):
@@ -183,6 +181,35 @@ def test_resume_after_restart_reproduces_an_uninterrupted_run(default_data, tmp_
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), resumed_params, straight_params)
 
 
+def test_a_save_killed_before_its_commit_resumes_from_the_previous_checkpoint(default_data, tmp_path, monkeypatch):
+    config = TRAIN_CONFIG.replace(checkpoint_every=2)
+    killed = Trainer(MODEL_CONFIG, config, tmp_path, dataset(default_data, config))
+    killed.run(2)
+    lost = [killed.train_step(), killed.train_step()]
+
+    # Orbax writes a checkpoint into a temporary directory and commits it with a rename; failing at the commit
+    # leaves on disk what a kill during the save leaves.
+    async def killed_at_commit(self):
+        raise RuntimeError("killed during the save")
+
+    monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", killed_at_commit)
+    with pytest.raises(RuntimeError, match="killed during the save"):
+        killed.save()
+    monkeypatch.undo()
+    killed.close()
+    assert not (tmp_path / "checkpoints" / "4").exists()
+
+    resumed = Trainer(MODEL_CONFIG, config, tmp_path, dataset(default_data, config))
+    assert resumed.step == 2
+    redone = resumed.run(4)
+    resumed.close()
+    assert [r["clips"] for r in redone] == [r["clips"] for r in lost]
+    # Same programs on the same inputs: identical up to 1e-6 (in practice bit-exact).
+    np.testing.assert_allclose([r["loss"] for r in redone], [r["loss"] for r in lost], rtol=1e-6)
+    # The uncommitted temporary directory is gone; step 4 is the new run's.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+
+
 def test_resume_rejects_another_model_config(default_data, tmp_path):
     trainer = Trainer(MODEL_CONFIG, TRAIN_CONFIG, tmp_path, dataset(default_data))
     trainer.run(1)
@@ -195,7 +222,7 @@ def test_cli_trains_on_the_embedded_default_and_writes_a_readable_checkpoint(def
     shutil.copytree(default_data, tmp_path / "data")  # the CLI's own default, already built by the fixture
     records = train.main([
         "--workdir", str(tmp_path), "--steps", "3", "--checkpoint-every", "2",
-        "--lr", str(TRAIN_CONFIG.learning_rate), "--text-dropout", "0.1", "--seed", "1",
+        "--lr", str(TRAIN_CONFIG.learning_rate), "--text-dropout", "0.1", "--seed", "1", "--no-compilation-cache",
     ])
     assert [record["step"] for record in records] == [1, 2, 3]
     assert all(np.isfinite(record["loss"]) for record in records)
