@@ -13,6 +13,7 @@ and optionally `negative_prompt_embeds` / `negative_prompt_attention_mask` with 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,8 @@ import numpy as np
 
 from sanawm_jax.models.gemma.checkpoint import load_gemma2
 from sanawm_jax.models.gemma.gemma2 import Gemma2Model
+
+logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 300
 CAPTION_CHANNELS = 2304
@@ -55,12 +58,19 @@ def load_tokenizer(folder: str | Path):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def tokenize(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer, texts: Sequence[str], length: int, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """texts -> (input_ids (B, length) int32, attention_mask (B, length) int32), with BOS, right padding and
-    truncation to `length`."""
+    truncation to `length`. A text that does not fit logs a warning naming the dropped tail and the encoder's
+    `window` of tokens (default: `length`)."""
+    texts = list(texts)
+    for ids in tokenizer(texts)["input_ids"]:
+        if len(ids) > length:
+            logger.warning(
+                f"The following part of the prompt was truncated to fit the text encoder's {window or length}-token "
+                f"window: {tokenizer.decode(ids[length:])!r}"
+            )
     tokens = tokenizer(
-        list(texts), max_length=length, padding="max_length", padding_side="right", truncation=True,
-        return_tensors="np",
+        texts, max_length=length, padding="max_length", padding_side="right", truncation=True, return_tensors="np",
     )
     return tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
 
@@ -120,7 +130,7 @@ class TextEncoder:
 
     def hidden_states(self, texts: Sequence[str], length: int) -> tuple[jnp.ndarray, jnp.ndarray]:
         """texts tokenised to `length` -> (last hidden states (B, length, D), attention mask (B, length))."""
-        ids, mask = tokenize(self.tokenizer, texts, length)
+        ids, mask = tokenize(self.tokenizer, texts, length, window=self.max_sequence_length)
         return self._forward(self.params, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)
 
     def encode(self, prompts: str | Sequence[str]) -> tuple[jnp.ndarray, jnp.ndarray]:
