@@ -5,11 +5,11 @@ is not meaningful (the weights are random); it exercises every stage end to end.
 from __future__ import annotations
 
 import json
+import math
 from importlib import resources
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sanawm_jax.data.cache import cache_latents, cache_text, source_captions
@@ -18,11 +18,12 @@ from sanawm_jax.data.sources import ClipDirectorySource
 from sanawm_jax.data.synthetic import write_synthetic_dataset
 from sanawm_jax.generate import WorldModel
 from sanawm_jax.models import ltx2_vae as vae
+from sanawm_jax.models.gemma.checkpoint import abstract_gemma2_params
 from sanawm_jax.models.gemma.encoder import TextEncoder
-from sanawm_jax.models.gemma.gemma2 import Gemma2Config, Gemma2Model
-from sanawm_jax.models.ltx2_vae import VAE_PRESETS, init_vae_params
+from sanawm_jax.models.gemma.gemma2 import Gemma2Config
+from sanawm_jax.models.ltx2_vae import VAE_PRESETS, abstract_vae_params
 from sanawm_jax.models.sana_wm.config import PRESETS
-from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, init_params
+from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params
 
 TARGET_SIZE = (128, 224)
 EXAMPLE_IMAGE = "example.png"
@@ -64,21 +65,48 @@ def tiny_gemma_config(hidden_size: int, vocab_size: int) -> Gemma2Config:
     )
 
 
-def demo_world_model(seed: int = 0) -> WorldModel:
-    """Tiny DiT, VAE and Gemma-2 with weights drawn from `seed`."""
+def default_action(num_frames: int) -> str:
+    """The demo's camera path for `num_frames` frames: forward for the first half, forward while turning left for
+    the rest (an action string of num_frames - 1 held-key frames rolls out to num_frames poses)."""
+    if num_frames < 3:
+        raise ValueError(f"the demo camera path needs at least 3 frames, got {num_frames}")
+    forward = (num_frames - 1) // 2
+    return f"w-{forward},aw-{num_frames - 1 - forward}"
+
+
+def random_params(abstract, rng: np.random.Generator) -> dict:
+    """Random weights for a tree of jax.ShapeDtypeStruct, drawn on the host: no XLA program to compile (the models'
+    own initialisers draw every array in its own random program, which takes tens of seconds to compile on a CPU).
+
+    Arrays of two or more dimensions (kernels, embeddings, modulation tables) ~ N(0, 1/fan_in), fan_in the product
+    of all but the last dimension (the variance of LeCun-normal initialisation); vectors are ones for norm scales and
+    the VAE's latent std, zeros otherwise (biases, the VAE's latent mean, the GDN decay parameters).
+    """
+
+    def draw(path, leaf):
+        if len(leaf.shape) >= 2:
+            value = rng.standard_normal(leaf.shape, np.float32) / math.sqrt(math.prod(leaf.shape[:-1]))
+        else:
+            value = np.full(leaf.shape, path[-1].key in ("scale", "latents_std"), np.float32)
+        return value.astype(leaf.dtype)
+
+    return jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
+
+
+def demo_world_model(seed: int = 0, **config_overrides) -> WorldModel:
+    """Tiny DiT, VAE and Gemma-2 with `random_params` drawn from `seed`; `config_overrides` replace DiT config
+    fields (e.g. `gdn_impl`, `attention_impl`)."""
     vae_config = VAE_PRESETS["ltx2_video_tiny"]
-    config = PRESETS["sana_wm_tiny"].replace(in_channels=vae_config.latent_channels)
+    config = PRESETS["sana_wm_tiny"].replace(in_channels=vae_config.latent_channels, **config_overrides)
     tokenizer = byte_tokenizer()
     gemma_config = tiny_gemma_config(config.caption_channels, len(tokenizer))
-    dit_key, vae_key, text_key = jax.random.split(jax.random.key(seed), 3)
-    tokens = jnp.ones((1, 4), jnp.int32)
-    gemma_params = jax.jit(lambda key: Gemma2Model(gemma_config).init(key, tokens, tokens)["params"])(text_key)
+    rng = np.random.default_rng(seed)
     return WorldModel(
         model=SanaWMTransformer(config),
-        params=init_params(config, dit_key),
+        params=random_params(abstract_params(config), rng),
         vae_config=vae_config,
-        vae_params=jax.jit(lambda key: init_vae_params(vae_config, key))(vae_key),
-        text_encoder=TextEncoder(tokenizer, gemma_config, gemma_params),
+        vae_params=random_params(abstract_vae_params(vae_config), rng),
+        text_encoder=TextEncoder(tokenizer, gemma_config, random_params(abstract_gemma2_params(gemma_config), rng)),
         target_size=TARGET_SIZE,
     )
 
@@ -103,10 +131,5 @@ def build_demo_dataset(data_dir, seed: int = 0) -> tuple[Path, Path]:
     def encode_text(captions: list[str]):
         return world.text_encoder.encode(captions)
 
-    def null_text():
-        embedding, mask = world.text_encoder.encode_negative("")
-        return np.asarray(embedding[0]), np.asarray(mask[0])
-
-    cache_text(source_captions(ClipDirectorySource(clips_dir)), encode_text, TextEmbeddingStore(text_dir),
-               null_text_fn=null_text)
+    cache_text(source_captions(ClipDirectorySource(clips_dir)), encode_text, TextEmbeddingStore(text_dir))
     return clips_dir, text_dir
