@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -44,6 +46,40 @@ def load_image(path, target_size: tuple[int, int] = camera.TARGET_SIZE) -> tuple
     return np.asarray(picture, np.float32) / 127.5 - 1.0, source_size
 
 
+def report_stage(message: str, enabled: bool = True) -> None:
+    """Say on stderr (where the progress bars go) which stage of a run starts."""
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def check_num_frames(num_frames: int, name: str = "num_frames") -> None:
+    """Raise a one-line ValueError naming the nearest valid counts unless `num_frames` is 8k+1 with k >= 1 (latent
+    frames are 8 pixel frames apart, and frame 0 is the given image)."""
+    if num_frames >= 9 and (num_frames - 1) % 8 == 0:
+        return
+    below = num_frames - (num_frames - 1) % 8
+    valid = [count for count in (below, below + 8) if count >= 9]
+    if len(valid) == 2:
+        raise ValueError(f"{name} {num_frames} is not 8k+1; use {valid[0]} or {valid[1]}")
+    raise ValueError(f"{name} {num_frames} is too few: the shortest video is 9 frames (8k+1 with k >= 1)")
+
+
+def check_checkpoint(ckpt_dir, with_text_encoder: bool = True) -> Path:
+    """Raise a one-line FileNotFoundError unless `ckpt_dir` holds the converted parts `WorldModel.from_checkpoint`
+    loads; returns it as a Path."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} does not exist (convert one with convert_torch_weights.py)")
+    required = [pipeline.TRANSFORMER_DIR, pipeline.VAE_DIR] + ([pipeline.TEXT_ENCODER_DIR] if with_text_encoder else [])
+    missing = [part for part in required if not (ckpt_dir / part / store.CONFIG_FILE).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {ckpt_dir} lacks {', '.join(missing)}/ (convert them with convert_torch_weights.py"
+            f"{'' if pipeline.TEXT_ENCODER_DIR not in missing else '; or pass precomputed --embeddings'})"
+        )
+    return ckpt_dir
+
+
 def camera_path(num_frames: int, source_size, target_size, *, intrinsics, action: str | None = None,
                 c2w: np.ndarray | None = None, action_convention: str = "sana_wm",
                 translation_speed: float | None = None,
@@ -57,10 +93,7 @@ def camera_path(num_frames: int, source_size, target_size, *, intrinsics, action
     """
     if (action is None) == (c2w is None):
         raise ValueError("give exactly one of an action string or a c2w trajectory")
-    if num_frames != camera.snap_num_frames(num_frames):
-        lower = camera.snap_num_frames(num_frames)
-        raise ValueError(f"num_frames must be 8k+1 (latent frames are 8 pixel frames apart); got {num_frames}, "
-                         f"use {lower} or {lower + 8}")
+    check_num_frames(num_frames)
     if action is not None:
         trajectory = camera.action_string_to_c2w(action, convention=action_convention,
                                                  translation_speed=translation_speed,
@@ -99,17 +132,15 @@ class WorldModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, dtype: str = "float32", target_size=camera.TARGET_SIZE,
-                        with_text_encoder: bool = True) -> "WorldModel":
-        """Load a directory written by convert_torch_weights.py; `dtype` is the compute (and parameter) dtype."""
-        ckpt_dir = Path(ckpt_dir)
-        required = [pipeline.TRANSFORMER_DIR, pipeline.VAE_DIR] + ([pipeline.TEXT_ENCODER_DIR] if with_text_encoder else [])
-        missing = [part for part in required if not (ckpt_dir / part / store.CONFIG_FILE).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"checkpoint {ckpt_dir} lacks {', '.join(missing)}/ (convert them with convert_torch_weights.py"
-                f"{'' if pipeline.TEXT_ENCODER_DIR not in missing else '; or pass precomputed --embeddings'})"
-            )
-        model, params = pipeline.load_transformer(ckpt_dir, dtype=dtype, param_dtype=dtype)
+                        with_text_encoder: bool = True, sharding=None, **config_overrides) -> "WorldModel":
+        """Load a directory written by convert_torch_weights.py; `dtype` is the compute (and parameter) dtype.
+
+        `config_overrides` replace DiT config fields (e.g. `gdn_impl="pallas"`, `attention_impl="cudnn"`, `remat`);
+        `sharding` places the DiT parameters as in `store.restore_params` (one Sharding or a matching pytree).
+        """
+        ckpt_dir = check_checkpoint(ckpt_dir, with_text_encoder)
+        model, params = pipeline.load_transformer(ckpt_dir, sharding, **{"dtype": dtype, "param_dtype": dtype,
+                                                                         **config_overrides})
         vae_config, vae_params = pipeline.load_vae(ckpt_dir, dtype=dtype)
         text_encoder = pipeline.load_text_encoder(ckpt_dir, dtype=dtype) if with_text_encoder else None
         return cls(model, params, vae_config, vae_params, text_encoder, tuple(target_size))
@@ -124,11 +155,16 @@ class WorldModel:
 
     def generate(self, image, c2w, intrinsics, text: PromptEmbeddings, sampler: SamplerConfig = SamplerConfig(),
                  seed: int = 0, fused: bool = False, progress: bool = True) -> GenerationResult:
-        """image (H, W, 3) in [-1, 1] at target size, c2w (F, 4, 4), intrinsics (F, 4) in target pixels."""
+        """image (H, W, 3) in [-1, 1] at target size, c2w (F, 4, 4), intrinsics (F, 4) in target pixels.
+
+        With `progress`, each stage is named on stderr and denoising and decoding show progress bars.
+        """
         if tuple(np.shape(image)) != (*self.target_size, 3):
             raise ValueError(f"image must be {(*self.target_size, 3)}, got {np.shape(image)}")
         stride = self.vae_config.encoder_compression
+        report_stage("preparing the camera conditioning", progress)
         conditions, plucker = camera.prepare_camera(c2w, intrinsics, self.target_size, stride)
+        report_stage("encoding the first frame", progress)
         first_frame = vae.encode(self.vae_params, jnp.asarray(image)[None, None], self.vae_config)
         noise = initial_noise(jax.random.key(seed), first_frame, conditions.shape[0])
         negative = (None, None)
@@ -145,7 +181,7 @@ class WorldModel:
             config=sampler, fused=fused, progress=progress,
         )
         video = vae.decode_tiled(self.vae_params, latents, self.vae_config,
-                                 out=np.empty(self.video_shape(latents.shape[1]), np.uint8))
+                                 out=np.empty(self.video_shape(latents.shape[1]), np.uint8), progress=progress)
         return GenerationResult(np.asarray(latents[0]), video[0], np.asarray(c2w), np.asarray(intrinsics))
 
     def video_shape(self, num_latent_frames: int) -> tuple[int, ...]:
@@ -158,7 +194,10 @@ def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, a
     """`<path>` (H.264 mp4), `<stem>.latents.npz` (latents (T, h, w, C)) and `<stem>.trajectory.npz` (c2w,
     intrinsics in target pixels, fps) beside it. With `action_overlay` the mp4 shows the WASD + joystick overlay of
     `overlay.draw_action_overlay`: the keys of the `action` string the video followed, or without one the keys read
-    back from `result.c2w` at the given speeds (None: the convention's). The .npz files stay clean."""
+    back from `result.c2w` at the given speeds (None: the convention's). The .npz files stay clean.
+
+    The files are written under hidden `.<stem>.partial<suffix>` names and renamed once all three are complete, so a
+    failed write leaves none of them behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outputs = {
@@ -175,7 +214,14 @@ def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, a
                                                      translation_speed=translation_speed,
                                                      rotation_speed_deg=rotation_speed_deg)
         video = overlay.draw_action_overlay(video, key_levels[: len(video)], look[: len(video)])
-    write_video(path, video, fps=fps, crf=18)
-    np.savez(outputs["latents"], latents=result.latents)
-    np.savez(outputs["trajectory"], c2w=result.c2w, intrinsics=result.intrinsics, fps=np.float32(fps))
+    staged = {kind: target.with_name(f".{target.stem}.partial{target.suffix}") for kind, target in outputs.items()}
+    try:
+        write_video(staged["video"], video, fps=fps, crf=18)
+        np.savez(staged["latents"], latents=result.latents)
+        np.savez(staged["trajectory"], c2w=result.c2w, intrinsics=result.intrinsics, fps=np.float32(fps))
+        for kind, target in outputs.items():
+            os.replace(staged[kind], target)
+    finally:
+        for partial in staged.values():
+            partial.unlink(missing_ok=True)
     return outputs

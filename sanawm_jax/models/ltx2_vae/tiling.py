@@ -18,6 +18,7 @@ compiles once.
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sanawm_jax.models.ltx2_vae.codec import check_latents, decode, video_to_uint8
 from sanawm_jax.models.ltx2_vae.config import VAEConfig
@@ -41,12 +42,14 @@ def decode_tiled(
     tile_latent_frames: int = 13,
     overlap: int = 5,
     out: np.ndarray | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Normalised latents (B, T, h, w, C) -> video (B, 1 + 8(T-1), 32h, 32w, 3) on the host.
 
     One jitted decode of (B, tile_latent_frames, h, w, C) runs per tile; finished frames are written to `out`, a
     preallocated host array: float32 (unclamped, like `decode`) or uint8 (converted by `video_to_uint8` after
-    blending). Peak device memory is one tile's decode; host memory is `out` plus one tile.
+    blending). Peak device memory is one tile's decode; host memory is `out` plus one tile. `progress` shows a bar
+    of finished pixel frames.
     """
     latents = np.asarray(latents)
     check_latents(latents.shape, config)
@@ -62,6 +65,7 @@ def decode_tiled(
     fade = ratio_t * (overlap - 1)
     weight = (np.arange(fade, dtype=np.float32) / fade)[:, None, None, None]
     tail = None  # the previous tile's frames over the current tile's cross-fade span
+    bar = tqdm(total=shape[1], desc="decoding", unit="frame", disable=not progress)
     for k, start in enumerate(starts):
         frames = np.array(decode(params, latents[:, start : start + tile_latent_frames], config), np.float32)
         if k > 0:
@@ -73,4 +77,6 @@ def decode_tiled(
         else:
             end = shape[1]
         out[:, first:end] = finish(frames[:, : end - first])
+        bar.update(end - first)
+    bar.close()
     return out
