@@ -7,36 +7,52 @@
 Writes the mp4 (16 fps, H.264), `<stem>.latents.npz` and `<stem>.trajectory.npz` next to it. --checkpoint is a
 directory written by convert_torch_weights.py (transformer/, vae/, text_encoder/). Intrinsics are [fx, fy, cx, cy] in
 pixels of the input image, given inline or as a .npy of shape (3,3), (F,3,3), (4,) or (F,4).
+
+Bad input stops the run with one line `error: ...` and exit code 2 before any model loads (--debug shows the
+traceback). Compiled programs are kept in JAX's persistent compilation cache, so a second run skips compilation.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
-from sanawm_jax import camera, demo
+from sanawm_jax import camera, cli, demo
 from sanawm_jax.diffusion.scheduler import SamplerConfig
-from sanawm_jax.generate import WorldModel, camera_path, load_image, write_outputs
+from sanawm_jax.generate import (
+    WorldModel,
+    camera_path,
+    check_checkpoint,
+    check_num_frames,
+    load_image,
+    report_stage,
+    write_outputs,
+)
 from sanawm_jax.models.gemma.encoder import load_embeddings_npz
+from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS
 
-DEMO_DEFAULTS = {"action": "w-8,aw-8", "num_frames": 17, "steps": 4, "prompt": "A quiet room with colourful objects"}
+# The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`.
+DEMO_DEFAULTS = {"num_frames": 17, "steps": 4, "prompt": "A quiet room with colourful objects"}
 
 
 def parse_intrinsics(value: str) -> np.ndarray:
+    """--intrinsics: four numbers fx,fy,cx,cy -> (4,) float32, or a .npy file's array."""
     if value.endswith(".npy"):
         if not Path(value).is_file():
-            raise ValueError(f"intrinsics file {value} does not exist")
+            raise cli.UsageError(f"--intrinsics file {value} does not exist")
         return np.load(value)
     try:
-        return np.array([float(x) for x in value.split(",")], np.float32)
-    except ValueError as error:
-        raise ValueError(f"--intrinsics must be fx,fy,cx,cy or a .npy file, got {value!r}") from error
+        numbers = np.array([float(x) for x in value.split(",")], np.float32)
+    except ValueError:
+        numbers = None
+    if numbers is None or numbers.shape != (4,):
+        raise cli.UsageError(f"--intrinsics takes fx,fy,cx,cy (four numbers) or a .npy file, got {value!r}")
+    return numbers
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", help="converted checkpoint directory (default: embedded tiny demo models)")
     parser.add_argument("--image", help="first frame (default with the demo: the bundled example image)")
     parser.add_argument("--prompt", help="text prompt")
@@ -64,31 +80,41 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="compute dtype with --checkpoint (the demo runs in float32)")
     parser.add_argument("--fused", action="store_true", help="run all denoising steps as one XLA program")
+    parser.add_argument("--gdn-impl", choices=GDN_IMPLS,
+                        help="GDN recurrence: xla (default, any device) or pallas (fused GPU kernel)")
+    parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
+                        help="softmax attention: xla (default, any device) or cudnn (fused kernel on NVIDIA GPUs)")
+    cli.add_compilation_cache_flags(parser)
     parser.add_argument("--out", required=True, help="output .mp4")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # Every input is checked before any model is loaded or any file written; the checkpoint comes first.
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint, with_text_encoder=args.embeddings is None)
+    if args.num_frames is not None:
+        check_num_frames(args.num_frames, "--num-frames")
     if args.checkpoint is None:
         target_size = demo.TARGET_SIZE
         image_path = args.image or demo.asset_path(demo.EXAMPLE_IMAGE)
         intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics else demo.example_intrinsics()
         for name, value in DEMO_DEFAULTS.items():
-            if getattr(args, name) is None and not (name == "action" and args.c2w):
+            if getattr(args, name) is None:
                 setattr(args, name, value)
+        if args.action is None and args.c2w is None:
+            args.action = demo.default_action(args.num_frames)
     else:
         for name in ("image", "intrinsics"):
             if getattr(args, name) is None:
-                raise ValueError(f"--{name} is required with --checkpoint")
+                raise cli.UsageError(f"--{name} is required with --checkpoint")
         if args.prompt is None and args.embeddings is None:
-            raise ValueError("--prompt or --embeddings is required with --checkpoint")
+            raise cli.UsageError("--prompt or --embeddings is required with --checkpoint")
+        if args.action is None and args.c2w is None:
+            raise cli.UsageError("give a camera path: --action or --c2w")
         target_size = camera.TARGET_SIZE
         image_path, intrinsics = args.image, parse_intrinsics(args.intrinsics)
-    if args.action is None and args.c2w is None:
-        raise ValueError("give a camera path: --action or --c2w")
-
-    # Inputs are checked before any model is loaded.
     image, source_size = load_image(image_path, target_size)
     c2w = None if args.c2w is None else np.load(args.c2w)
     c2w, intrinsics = camera_path(args.num_frames or 961, source_size, target_size, intrinsics=intrinsics,
@@ -96,18 +122,32 @@ def main(argv=None):
                                   translation_speed=args.translation_speed,
                                   rotation_speed_deg=args.rotation_speed_deg)
     sampler = SamplerConfig(num_steps=args.steps or 60, guidance_scale=args.cfg, shift=args.shift)
-
-    if args.checkpoint is None:
-        world = demo.demo_world_model(args.seed)
-    else:
-        world = WorldModel.from_checkpoint(args.checkpoint, args.dtype, target_size,
-                                           with_text_encoder=args.embeddings is None)
+    text = None
     if args.embeddings:
-        text = load_embeddings_npz(args.embeddings, caption_channels=world.model.config.caption_channels,
-                                   max_sequence_length=None)
+        text = load_embeddings_npz(args.embeddings, caption_channels=None, max_sequence_length=None)
+        if sampler.uses_guidance and text.negative_prompt_embeds is None:
+            raise cli.UsageError(f"--cfg {args.cfg} needs negative embeddings in {args.embeddings} (or --cfg 1)")
+    report_stage(f"camera path: {len(c2w)} frames "
+                 + (f"along {args.action!r} ({args.action_convention} keys)" if args.action else f"from {args.c2w}"))
+
+    cache_dir = cli.apply_compilation_cache_flags(args)
+    overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl") if getattr(args, name)}
+    if args.checkpoint is None:
+        report_stage(f"building the tiny demo models (random weights from seed {args.seed})"
+                     + (f"; compilation cache {cache_dir}" if cache_dir else ""))
+        world = demo.demo_world_model(args.seed, **overrides)
     else:
+        report_stage(f"loading {args.checkpoint}" + (f"; compilation cache {cache_dir}" if cache_dir else ""))
+        world = WorldModel.from_checkpoint(args.checkpoint, args.dtype, target_size,
+                                           with_text_encoder=args.embeddings is None, **overrides)
+    if text is None:
+        report_stage("encoding the prompt")
         text = world.encode_prompt(args.prompt, args.negative_prompt, cfg=sampler.uses_guidance)
+    elif text.prompt_embeds.shape[-1] != world.model.config.caption_channels:
+        raise ValueError(f"{args.embeddings}: prompt_embeds has {text.prompt_embeds.shape[-1]} channels, the model "
+                         f"takes {world.model.config.caption_channels}")
     result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
+    report_stage(f"writing {args.out}")
     for kind, path in write_outputs(args.out, result, action=args.action, action_convention=args.action_convention,
                                     translation_speed=args.translation_speed,
                                     rotation_speed_deg=args.rotation_speed_deg,
@@ -116,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,7 +4,11 @@ here from tiny diffusers/transformers models) loads and samples, and bad inputs 
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -13,9 +17,10 @@ import torch
 
 import convert_torch_weights
 import sample
-from sanawm_jax import demo
+from sanawm_jax import cli, demo, generate
 from sanawm_jax.data.video import read_video_window
-from sanawm_jax.models.gemma.encoder import TextEncoder
+from sanawm_jax.generate import WorldModel
+from sanawm_jax.models.gemma.encoder import MAX_SEQUENCE_LENGTH, TextEncoder
 from sanawm_jax.models.ltx2_vae import convert_vae
 from sanawm_jax.pipeline import load_text_encoder, load_vae
 from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
@@ -28,9 +33,13 @@ def video_fps(path) -> float:
     return meta["fps"]
 
 
-def test_embedded_default_writes_video_latents_and_trajectory(tmp_path):
+def test_embedded_default_writes_video_latents_and_trajectory(tmp_path, capsys):
     out = tmp_path / "demo.mp4"
-    sample.main(["--out", str(out)])
+    sample.main(["--out", str(out), "--no-compilation-cache"])
+    stages = capsys.readouterr().err
+    for stage in ("camera path", "building the tiny demo models", "encoding the prompt", "encoding the first frame",
+                  "denoising", "decoding", "writing"):
+        assert stage in stages
     frames, total, size = read_video_window(out, 0, 100)
     assert total == 17 and size == demo.TARGET_SIZE and video_fps(out) == 16
     assert frames.std() > 0
@@ -93,21 +102,125 @@ def test_sample_from_converted_checkpoint(converted_pipeline, tmp_path):
     assert total == 9 and size == (704, 1280)
 
 
-@pytest.mark.parametrize(
-    "extra_args, message",
-    [
-        (["--image", "missing.png"], "cannot read image missing.png"),
-        (["--intrinsics", "1,2,3"], "intrinsics"),
-        (["--num-frames", "33"], "fewer than the 33 requested"),
-        (["--num-frames", "20"], "8k\\+1"),
-        (["--action", "w-16,q-4"], "q"),
-    ],
-    ids=["unreadable-image", "intrinsics-shape", "short-trajectory", "frame-count", "unknown-action-key"],
-)
-def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, extra_args, message):
-    with pytest.raises(ValueError, match=message):
-        sample.main(["--out", str(tmp_path / "x.mp4"), *extra_args])
-    assert not (tmp_path / "x.mp4").exists()
+def assert_one_line_usage_error(capsys, argv, expected: str, out_dir: Path) -> str:
+    """The run stops with exit code 2, one `error: ...` line on stderr containing `expected`, and writes nothing;
+    returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(sample.main, [*argv, "--out", str(out_dir / "x.mp4")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == cli.USAGE_EXIT_CODE
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert expected in err, err
+    assert list(out_dir.iterdir()) == []
+    return err
+
+
+def test_frame_count_not_8k_plus_1_names_the_nearest_valid_counts(tmp_path, capsys):
+    assert_one_line_usage_error(capsys, ["--num-frames", "20"], "error: --num-frames 20 is not 8k+1; use 17 or 25",
+                                tmp_path)
+
+
+def test_unknown_action_key_names_the_segment_and_the_allowed_keys(tmp_path, capsys):
+    err = assert_one_line_usage_error(capsys, ["--action", "w-40,zz-3"], "'zz-3'", tmp_path)
+    assert "allowed keys: w s a d i k j l" in err
+
+
+def test_missing_image_is_one_line(tmp_path, capsys):
+    assert_one_line_usage_error(capsys, ["--image", str(tmp_path / "missing.png")], "cannot read image", tmp_path)
+
+
+def test_text_file_named_png_is_one_line(tmp_path, capsys):
+    fake = tmp_path / "inputs" / "notes.png"
+    fake.parent.mkdir()
+    fake.write_text("not an image")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert_one_line_usage_error(capsys, ["--image", str(fake)], f"cannot read image {fake}", out_dir)
+
+
+def test_malformed_intrinsics_are_one_line(tmp_path, capsys):
+    assert_one_line_usage_error(capsys, ["--intrinsics", "1,2"], "--intrinsics takes fx,fy,cx,cy", tmp_path)
+
+
+def test_missing_checkpoint_is_named_before_missing_flags(tmp_path, capsys):
+    assert_one_line_usage_error(capsys, ["--checkpoint", str(tmp_path / "nonexistent")],
+                                f"checkpoint {tmp_path / 'nonexistent'} does not exist", tmp_path)
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="is not 8k\\+1"):
+        cli.run(sample.main, ["--num-frames", "20", "--debug", "--out", str(tmp_path / "x.mp4")])
+
+
+def test_trajectory_shorter_than_the_frame_count_is_named(tmp_path, capsys):
+    assert_one_line_usage_error(capsys, ["--action", "w-8", "--num-frames", "33"], "fewer than the 33 requested",
+                                tmp_path)
+
+
+@pytest.mark.parametrize("num_frames", [9, 41, 961])
+def test_demo_camera_path_covers_any_frame_count(num_frames):
+    source_size = (480, 640)
+    c2w, intrinsics = generate.camera_path(num_frames, source_size, demo.TARGET_SIZE,
+                                           intrinsics=demo.example_intrinsics(),
+                                           action=demo.default_action(num_frames))
+    assert c2w.shape == (num_frames, 4, 4) and intrinsics.shape == (num_frames, 4)
+    # The path keeps moving to its last frame: every step changes the camera position.
+    assert np.all(np.linalg.norm(np.diff(c2w[:, :3, 3], axis=0), axis=1) > 0)
+
+
+@pytest.mark.slow
+def test_embedded_default_runs_41_frames(tmp_path):
+    out = tmp_path / "long.mp4"
+    sample.main(["--num-frames", "41", "--steps", "1", "--cfg", "1", "--no-action-overlay", "--no-compilation-cache",
+                 "--out", str(out)])
+    assert read_video_window(out, 0, 0)[1] == 41
+    with np.load(tmp_path / "long.trajectory.npz") as trajectory:
+        c2w = trajectory["c2w"]
+    assert c2w.shape == (41, 4, 4)
+    # The default path keeps moving to its last frame: every step changes the pose.
+    assert np.all(np.abs(np.diff(c2w[:, :3, 3], axis=0)).sum(axis=1) > 0)
+
+
+def test_prompt_longer_than_the_encoder_window_warns_that_it_was_truncated(caplog):
+    world = demo.demo_world_model()
+    tail = "the end of a very long prompt"
+    with caplog.at_level(logging.WARNING, logger="sanawm_jax.models.gemma.encoder"):
+        world.text_encoder.encode("short prompt")
+        assert caplog.records == []
+        world.text_encoder.encode("x" * (MAX_SEQUENCE_LENGTH + 20) + tail)  # byte tokens: one per character
+    [record] = caplog.records
+    assert "truncated" in record.message and f"{MAX_SEQUENCE_LENGTH}-token window" in record.message
+    assert tail in record.message
+
+
+def test_failed_write_leaves_no_output_behind(tmp_path, monkeypatch):
+    result = generate.GenerationResult(
+        latents=np.zeros((3, 4, 7, 8), np.float32), video=np.zeros((17, 64, 96, 3), np.uint8),
+        c2w=np.tile(np.eye(4, dtype=np.float32), (17, 1, 1)), intrinsics=np.ones((17, 4), np.float32))
+
+    def write_then_fail(path, *args, **kwargs):  # the disk fills up after the video is written
+        write_video(path, *args, **kwargs)
+        raise OSError("No space left on device")
+
+    write_video = generate.write_video
+    monkeypatch.setattr(generate, "write_video", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        generate.write_outputs(tmp_path / "clip.mp4", result, action_overlay=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(generate, "write_video", write_video)
+    written = generate.write_outputs(tmp_path / "clip.mp4", result, action_overlay=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in written.values())
+
+
+def test_implementation_flags_and_sharding_reach_the_model(converted_pipeline):
+    import jax
+
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    # cudnn attention cannot even be traced without a GPU, so the pass-through is shown with the GDN kernel.
+    world = WorldModel.from_checkpoint(converted_pipeline, with_text_encoder=False, sharding=cpu, gdn_impl="pallas")
+    assert world.model.config.gdn_impl == "pallas"
+    assert all(leaf.sharding == cpu for leaf in jax.tree.leaves(world.params))
+    assert demo.demo_world_model(gdn_impl="pallas").model.config.gdn_impl == "pallas"
 
 
 def test_missing_checkpoint_part_is_named(converted_pipeline, tmp_path):
@@ -135,3 +248,21 @@ def test_sample_with_precomputed_embeddings_needs_no_text_encoder(converted_pipe
                  "--embeddings", str(tmp_path / "text.npz"), "--action", "w-8", "--intrinsics", f"{fx},{fy},{cx},{cy}",
                  "--num-frames", "9", "--steps", "1", "--cfg", "1", "--dtype", "float32", "--fused", "--out", str(out)])
     assert read_video_window(out, 0, 0)[1] == 9
+
+
+@pytest.mark.slow
+def test_second_run_of_the_main_command_compiles_nothing(tmp_path):
+    """The persistent compilation cache serves every program of a repeated run: no new entry, same outputs."""
+    repo = Path(sample.__file__).parent
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), cli.CACHE_ENV: str(tmp_path / "cache"),
+           "JAX_PLATFORMS": "cpu"}
+    outputs = []
+    for run in ("first", "second"):
+        out = tmp_path / run / "demo.mp4"
+        subprocess.run([sys.executable, "sample.py", "--out", str(out)], cwd=repo, env=env, check=True,
+                       capture_output=True)
+        outputs.append({path.name: path.read_bytes() for path in out.parent.iterdir()})
+        if run == "first":
+            entries = sorted((tmp_path / "cache").iterdir())
+    assert entries and sorted((tmp_path / "cache").iterdir()) == entries
+    assert outputs[0] == outputs[1]
