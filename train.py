@@ -34,6 +34,7 @@ from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.sana_wm.config import get_config
 from sanawm_jax.training import TrainConfig, Trainer
 from sanawm_jax.training.lock import WorkdirLock
+from sanawm_jax.training.objective import TIMESTEP_SAMPLING
 
 CONFIG_ALIASES = {"tiny": "sana_wm_tiny", "2.6b": "sana_wm_2.6b"}
 
@@ -75,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=POSITIVE_INT, help="frame width the latents encode (default: 1280; demo: 96)")
     parser.add_argument("--lr", type=POSITIVE_FLOAT, default=TrainConfig.learning_rate)
     parser.add_argument("--text-dropout", type=PROBABILITY, default=TrainConfig.text_dropout)
+    parser.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLING, default=TrainConfig.timestep_sampling,
+                        help="per-frame logit-normal σ, or upstream's stage-1 chunk-timestep mixture")
     parser.add_argument("--checkpoint-every", type=POSITIVE_INT, default=TrainConfig.checkpoint_every)
     parser.add_argument("--log-every", type=POSITIVE_INT, default=TrainConfig.log_every,
                         help="steps per record of WORKDIR/metrics.jsonl and TensorBoard")
@@ -109,7 +112,7 @@ def main(argv=None) -> list[dict]:
         learning_rate=args.lr, text_dropout=args.text_dropout, num_frames=args.num_frames or default_frames,
         target_size=(args.height or default_size[0], args.width or default_size[1]), batch_size=args.batch_size,
         num_steps=args.steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-        mesh_data=args.mesh_data, mesh_fsdp=args.mesh_fsdp,
+        mesh_data=args.mesh_data, mesh_fsdp=args.mesh_fsdp, timestep_sampling=args.timestep_sampling,
     )
     cli.apply_compilation_cache_flags(args)
     with WorkdirLock(workdir):

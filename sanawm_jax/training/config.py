@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from sanawm_jax.frozen_config import FrozenConfig
+from sanawm_jax.training.objective import (
+    CHUNK_MODES,
+    TIMESTEP_SAMPLING,
+    UPSTREAM_CHUNK_MIXTURE,
+    UPSTREAM_CHUNK_SIZE,
+)
 
 # Fields that shape the run (data, length, checkpoints, seed, devices) but not the computation of one train step.
 RUN_FIELDS = (
@@ -19,9 +25,13 @@ class TrainConfig(FrozenConfig):
 
     learning_rate, betas, eps, weight_decay: AdamW at a constant learning rate (no warmup).
     grad_clip_norm: global gradient-norm clip applied before AdamW.
-    flow_shift, logit_mean, logit_std: per-frame σ = shift(sigmoid(N(logit_mean, logit_std))).
+    flow_shift, logit_mean, logit_std: σ = shift(sigmoid(N(logit_mean, logit_std))).
+    timestep_sampling: "logit_normal" (a continuous σ per frame) or "chunk_mixture" (upstream's stage-1 recipe:
+        integer steps per chunk from the mixture of `objective.CHUNK_MODES` weighted by chunk_mixture_probs, chunks
+        of timestep_chunk_size latent frames with the first one frame longer); see `training.objective`.
     clean_first_frame_prob: probability that frame 0 is the clean conditioning frame (then left out of the loss).
-    text_dropout: probability of training on the null text embedding (the loader's caption dropout).
+    text_dropout: probability of training on the null text embedding (the loader's caption dropout; the null
+        embedding is the empty caption encoded as a prompt, see `data.cache.cache_text`).
     num_frames, target_size: pixel frames (8k+1) and (H, W) of the training clips.
     batch_size: examples per step on this process.
     num_steps, checkpoint_every, max_checkpoints: run length, checkpoint interval and how many checkpoints to keep.
@@ -37,6 +47,9 @@ class TrainConfig(FrozenConfig):
     flow_shift: float = 9.95
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    timestep_sampling: str = "logit_normal"
+    chunk_mixture_probs: tuple[float, float, float, float] = UPSTREAM_CHUNK_MIXTURE
+    timestep_chunk_size: int = UPSTREAM_CHUNK_SIZE
     clean_first_frame_prob: float = 0.9
     text_dropout: float = 0.1
     num_frames: int = 961
@@ -53,6 +66,7 @@ class TrainConfig(FrozenConfig):
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "target_size", tuple(self.target_size))
+        object.__setattr__(self, "chunk_mixture_probs", tuple(float(p) for p in self.chunk_mixture_probs))
         checks = [
             (self.learning_rate > 0, "learning_rate must be positive"),
             (all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "betas must be two values in [0, 1)"),
@@ -61,6 +75,11 @@ class TrainConfig(FrozenConfig):
             (self.grad_clip_norm > 0, "grad_clip_norm must be positive"),
             (self.flow_shift > 0, "flow_shift must be positive"),
             (self.logit_std > 0, "logit_std must be positive"),
+            (self.timestep_sampling in TIMESTEP_SAMPLING, f"timestep_sampling must be one of {TIMESTEP_SAMPLING}"),
+            (len(self.chunk_mixture_probs) == len(CHUNK_MODES) and min(self.chunk_mixture_probs) >= 0
+             and sum(self.chunk_mixture_probs) > 0,
+             f"chunk_mixture_probs must be {len(CHUNK_MODES)} weights >= 0 of {CHUNK_MODES} with a positive sum"),
+            (self.timestep_chunk_size >= 1, "timestep_chunk_size must be positive"),
             (0 <= self.clean_first_frame_prob <= 1, "clean_first_frame_prob must be in [0, 1]"),
             (0 <= self.text_dropout <= 1, "text_dropout must be in [0, 1]"),
             (self.num_frames >= 1 and (self.num_frames - 1) % 8 == 0, "num_frames must be 8k+1"),

@@ -75,6 +75,8 @@ def training_loss(params, model: SanaWMTransformer, batch: dict, key: jax.Array,
     inputs = objective.training_inputs(
         key, batch["latents"], shift=config.flow_shift, clean_first_frame_prob=config.clean_first_frame_prob,
         logit_mean=config.logit_mean, logit_std=config.logit_std, frame_valid_mask=frame_valid_mask,
+        timestep_sampling=config.timestep_sampling, chunk_mixture_probs=config.chunk_mixture_probs,
+        chunk_size=config.timestep_chunk_size,
     )
     velocity = model.apply(
         {"params": params}, inputs["noisy_latents"], inputs["timesteps"], batch["text"], batch["text_mask"],
