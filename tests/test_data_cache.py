@@ -154,7 +154,8 @@ def test_our_vae_and_the_diffusers_vae_cache_the_same_latents(tiny_vae_folder):
 
 
 class RecordingTextEncoder:
-    """Stands in for `sanawm_jax.models.gemma.TextEncoder`: records calls, returns (B, 3, 4) embeddings and (B, 3) masks."""
+    """Stands in for `sanawm_jax.models.gemma.TextEncoder`: records calls; `encode` returns (B, 3, 4) embeddings filled
+    with each prompt's length and (B, 3) masks, `encode_negative` a distinct -1 embedding."""
 
     calls: list = []
 
@@ -165,14 +166,17 @@ class RecordingTextEncoder:
 
     def encode(self, prompts):
         self.calls.append(("encode", list(prompts)))
-        return np.ones((len(prompts), 3, 4), np.float32), np.ones((len(prompts), 3), np.int32)
+        lengths = np.array([len(prompt) for prompt in prompts], np.float32)
+        embeddings = np.broadcast_to(lengths[:, None, None], (len(prompts), 3, 4)).copy()
+        return embeddings, np.tile([[1, 1, 0]], (len(prompts), 1))
 
     def encode_negative(self, prompts=""):
         self.calls.append(("encode_negative", prompts))
         return np.full((1, 3, 4), -1.0, np.float32), np.array([[1, 0, 0]], np.int32)
 
 
-def test_text_cli_uses_our_prompt_encoder_with_the_negative_prompt_as_null(tmp_path, monkeypatch):
+def test_text_cli_uses_our_prompt_encoder_with_the_empty_prompt_as_null(tmp_path, monkeypatch):
+    """The null embedding is "" through the caption path (prefix and mask), not the negative prompt."""
     from sanawm_jax.models import gemma
 
     synthetic.write_synthetic_dataset(tmp_path / "clips", 1, 9, 32, 32, seed=4)
@@ -180,7 +184,7 @@ def test_text_cli_uses_our_prompt_encoder_with_the_negative_prompt_as_null(tmp_p
     monkeypatch.setattr(RecordingTextEncoder, "calls", [])
     cache.main(["text", "--data", str(tmp_path / "clips"), "--out", str(tmp_path / "text"), "--text-encoder", "gemma"])
     caption = clip_format.read_index(tmp_path / "clips")[0].caption
-    assert RecordingTextEncoder.calls == [("from_pretrained", "gemma"), ("encode", [caption]), ("encode_negative", "")]
+    assert RecordingTextEncoder.calls == [("from_pretrained", "gemma"), ("encode", [caption]), ("encode", [""])]
     null_embedding, null_mask = clip_format.TextEmbeddingStore(tmp_path / "text").null()
-    np.testing.assert_array_equal(null_embedding, np.full((3, 4), -1.0))
-    np.testing.assert_array_equal(null_mask, [True, False, False])
+    np.testing.assert_array_equal(null_embedding, np.zeros((3, 4)))
+    np.testing.assert_array_equal(null_mask, [True, True, False])

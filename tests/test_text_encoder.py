@@ -25,6 +25,8 @@ from transformers import Gemma2Model as HFGemma2Model
 
 from sanawm_jax.checkpoint.keymap import ConversionError, flatten
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
+from sanawm_jax.data import cache
+from sanawm_jax.data.format import TextEmbeddingStore
 from sanawm_jax.models.gemma import (
     DEFAULT_CHI_PROMPT,
     Gemma2Config,
@@ -181,6 +183,22 @@ def test_prompt_and_negative_match_pipeline_encode_prompt(hf_folder, encoder):
     np.testing.assert_array_equal(negative_mask, neg_mask)
     assert relative_l2(embeds, cond) <= FP32_TOLERANCE
     assert relative_l2(negative_embeds, neg) <= FP32_TOLERANCE
+
+
+def test_cached_null_text_is_the_empty_prompt_encoded_with_the_prefix(hf_folder, tmp_path):
+    """Text dropout's null embedding is "" encoded as a caption is (chi prefix, BOS + last 299 states, its mask), as
+    upstream's stage-1 trainer computes it; the pipeline's positive-prompt encoding of "" is the oracle. The
+    prefix-free negative encoding of "" differs from it by far more than the tolerance."""
+    folder, model = hf_folder
+    store = TextEmbeddingStore(tmp_path)
+    cache.cache_text([], cache.sanawm_text_encoder(str(folder)), store)
+    null, null_mask = store.null()
+    cond, cond_mask, neg, _ = pipeline_encode_prompt(
+        model, folder, "", "", chi_prompt=list(pipeline_sana_wm.DEFAULT_CHI_PROMPT)
+    )
+    np.testing.assert_array_equal(null_mask, cond_mask[0].astype(bool))
+    assert relative_l2(null, cond[0]) <= FP32_TOLERANCE
+    assert relative_l2(null, neg[0]) > 100 * FP32_TOLERANCE
 
 
 def test_truncated_prompt_with_custom_prefix_matches_pipeline(hf_folder):

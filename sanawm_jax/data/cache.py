@@ -11,8 +11,8 @@ Encoders are plain callables, so any implementation plugs in:
   encode_text_fn(captions: list[str]) -> (embeddings (B, L, D), masks (B, L))
 `--encoder MODULE:FACTORY` imports FACTORY and calls it with `--encoder-kwargs` (JSON) to get the callable.
 `--vae` uses our LTX-2 VAE (`sanawm_jax.models.ltx2_vae`), `--diffusers-vae` the diffusers PyTorch VAE, `--text-encoder` our
-Gemma-2 prompt encoder (`sanawm_jax.models.gemma`, chi prefix for captions, the null embedding is the encoded empty
-negative prompt).
+Gemma-2 prompt encoder (`sanawm_jax.models.gemma`: chi prefix for captions; the null embedding is the empty caption
+encoded the same way).
 """
 
 from __future__ import annotations
@@ -97,11 +97,19 @@ def cache_text(
     encode_text_fn: EncodeTextFn,
     store: clip_format.TextEmbeddingStore,
     *,
-    null_text_fn: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
     batch_size: int = 8,
 ) -> int:
     """Encode the distinct captions not yet in the store, and the null embedding if missing; returns how many
-    captions were encoded. The null embedding is `null_text_fn()`, by default the encoded empty caption."""
+    captions were encoded.
+
+    The null embedding (what text dropout trains on) is `encode_text_fn([""])`: the empty caption encoded exactly as
+    a caption is, with the instruction prefix, and its mask. This is upstream's: its stage-1 trainer
+    (train_video_scripts/train_sana_wm_stage1.py) encodes [""] with its caption encoder into null_embed.pth, and
+    its checkpoint loader writes that into `y_embedder.y_embedding`, replacing the checkpoint's stored copy, before
+    the model's caption dropout substitutes it. (Upstream's caption embedder swaps only the embedding and keeps the
+    dropped caption's mask; here the dropped example takes the null mask too.) The negative prompt of sampling is
+    encoded without the prefix.
+    """
     pending = sorted({caption for caption in captions if caption and caption not in store})
     for first in range(0, len(pending), batch_size):
         batch = pending[first : first + batch_size]
@@ -111,11 +119,8 @@ def cache_text(
         for caption, embedding, mask in zip(batch, embeddings, masks):
             store.put(caption, embedding, mask)
     if not (store.root / clip_format.NULL_TEXT_FILE).is_file():
-        if null_text_fn is None:
-            embeddings, masks = encode_text_fn([""])
-            store.put_null(np.asarray(embeddings)[0], np.asarray(masks)[0])
-        else:
-            store.put_null(*null_text_fn())
+        embeddings, masks = encode_text_fn([""])
+        store.put_null(np.asarray(embeddings)[0], np.asarray(masks)[0])
     return len(pending)
 
 
@@ -189,9 +194,9 @@ def diffusers_vae_encoder(checkpoint, subfolder: str | None = "vae") -> EncodeFn
     return encode
 
 
-def sanawm_text_encoder(checkpoint: str) -> tuple[EncodeTextFn, Callable[[], tuple[np.ndarray, np.ndarray]]]:
-    """(encode_text_fn, null_text_fn) of our Gemma-2 prompt encoder: captions with the chi prefix, the null
-    embedding as the empty negative prompt."""
+def sanawm_text_encoder(checkpoint: str) -> EncodeTextFn:
+    """encode_text_fn of our Gemma-2 prompt encoder: captions with the chi prefix (the null embedding is its
+    encoding of "", see `cache_text`)."""
     from sanawm_jax.models import gemma
 
     encoder = gemma.TextEncoder.from_pretrained(checkpoint)
@@ -200,11 +205,7 @@ def sanawm_text_encoder(checkpoint: str) -> tuple[EncodeTextFn, Callable[[], tup
         embeddings, masks = encoder.encode(captions)
         return np.asarray(embeddings, np.float32), np.asarray(masks)
 
-    def null() -> tuple[np.ndarray, np.ndarray]:
-        embeddings, masks = encoder.encode_negative("")
-        return np.asarray(embeddings, np.float32)[0], np.asarray(masks)[0]
-
-    return encode, null
+    return encode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -256,15 +257,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"encoded {len(keys)} clips in {args.data}")
     elif args.command == "text":
         source = ClipDirectorySource(args.data) if args.data else UpstreamZipSource(*args.upstream)
-        null_text_fn = None
         if args.text_encoder:
-            encode_text_fn, null_text_fn = sanawm_text_encoder(args.text_encoder)
+            encode_text_fn = sanawm_text_encoder(args.text_encoder)
         else:
             encode_text_fn = load_factory(args.encoder, json.loads(args.encoder_kwargs))
         store = clip_format.TextEmbeddingStore(args.out)
-        count = cache_text(
-            source_captions(source), encode_text_fn, store, null_text_fn=null_text_fn, batch_size=args.batch_size
-        )
+        count = cache_text(source_captions(source), encode_text_fn, store, batch_size=args.batch_size)
         print(f"encoded {count} captions into {args.out}")
     else:
         count = import_text_embeddings(args.embeddings, clip_format.TextEmbeddingStore(args.out))
