@@ -1,4 +1,5 @@
-"""Shared fixtures: small PyTorch oracles with randomised weights and their conversion into our params."""
+"""Shared fixtures, built once per session: small PyTorch oracles with randomised weights, the embedded training data,
+and the results of the checks that need several (fake CPU) devices."""
 
 from __future__ import annotations
 
@@ -71,3 +72,19 @@ def demo_train_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_train") / "data"
     build_demo_dataset(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def multi_device(tmp_path_factory):
+    """name -> what the check of that name in tests/multi_device.py returned; every check runs in one subprocess with
+    fake CPU devices, started the first time a test asks. A check that raised fails the test with its traceback."""
+    from tests.multi_device import run_checks
+
+    results = run_checks(tmp_path_factory.mktemp("multi_device"))
+
+    def result(name: str) -> dict:
+        if "error" in results[name]:
+            pytest.fail(f"multi-device check {name} raised:\n{results[name]['error']}")
+        return results[name]["result"]
+
+    return result
