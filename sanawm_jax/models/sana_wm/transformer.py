@@ -88,7 +88,7 @@ class SanaWMBlock(nn.Module):
                                name="cross_attn")
         x = masked(x + cross(x, text, text_mask))
 
-        mlp = GLUMBConvTemp(cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype, name="mlp")
+        mlp = GLUMBConvTemp(c, cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype, name="mlp")
         mlp_in = masked(modulate(layer_norm(x), shift_mlp, scale_mlp))
         return masked(x + masked(gate_mlp * mlp(mlp_in)))
 
