@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timing import machine_state, report_machine
 
 from sanawm_jax.data import cache, synthetic
 from sanawm_jax.data import format as clip_format
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     args = parser.parse_args()
+    before = machine_state()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_data_"))
     config = DataConfig(num_frames=args.frames, target_size=tuple(args.target), batch_size=2, num_threads=args.threads)
@@ -95,6 +97,7 @@ def main() -> None:
         source = ClipDirectorySource(videos, "latents")
     rate, count = clips_per_second(source, config, args.epochs)
     print(f"| cached latents | {description} | {args.threads} | {count} | {rate:.1f} |")
+    report_machine(before)
 
 
 if __name__ == "__main__":

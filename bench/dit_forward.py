@@ -1,7 +1,9 @@
 """DiT forward time: our jit-compiled Flax model vs diffusers' eager `SanaWMTransformer3DModel` on this machine.
 
 Builds a random diffusers model of the chosen size, converts its weights with our converter, checks that both give
-the same velocity (relative L2), then times a forward pass of each (median of --repeats, after a warm-up/compile).
+the same velocity (relative L2), then times a forward pass of each, interleaved (median of --repeats after a
+compiling/warm-up first call, reported apart). The last line is `diffusers_over_jax=R spread=S`: R the median of the
+per-repeat ratios diffusers / jax, S their relative spread (max - min) / median.
 
     python bench/dit_forward.py [--layers 4 --hidden 256 --head-dim 64 --frames 5 --height 11 --width 20]
 """
@@ -9,12 +11,11 @@ the same velocity (relative L2), then times a forward pass of each (median of --
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 import torch
-from timing import median_seconds
+from timing import interleaved, machine_state, report_machine
 
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
 from sanawm_jax.models.sana_wm.checkpoint import convert_state_dict
@@ -51,6 +52,7 @@ def main():
     parser.add_argument("--text-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    before = machine_state()
 
     from diffusers import SanaWMTransformer3DModel
 
@@ -71,9 +73,6 @@ def main():
 
     forward = jax.jit(SanaWMTransformer(config).apply)
     run_jax = lambda: jax.block_until_ready(forward({"params": params}, **inputs))
-    compile_start = time.perf_counter()
-    ours = np.asarray(run_jax())
-    compile_seconds = time.perf_counter() - compile_start
 
     torch_inputs = dict(
         hidden_states=torch.from_numpy(inputs["latents"]).permute(0, 4, 1, 2, 3),
@@ -88,21 +87,20 @@ def main():
         with torch.no_grad():
             return oracle(**torch_inputs).sample
 
-    reference = run_torch().permute(0, 2, 3, 4, 1).numpy()
+    timing = interleaved({"jax": run_jax, "diffusers": run_torch}, args.repeats)
+    ours, reference = np.asarray(run_jax()), run_torch().permute(0, 2, 3, 4, 1).numpy()
     relative_l2 = np.linalg.norm(ours - reference) / np.linalg.norm(reference)
-
-    jax_seconds = median_seconds(run_jax, args.repeats)
-    torch_seconds = median_seconds(run_torch, args.repeats)
     tokens = args.frames * args.height * args.width
     print(f"config: {args.layers} layers, hidden {args.hidden}, head dim {args.head_dim}, "
           f"latent {args.frames}x{args.height}x{args.width} ({tokens} tokens), text {args.text_len}")
-    print(f"devices: jax {jax.devices()[0].platform}, torch cpu ({torch.get_num_threads()} threads)")
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), float32, {args.repeats} interleaved repeats")
     print(f"parity (float32 vs upstream's bf16-rounded softmax inputs): relative L2 = {relative_l2:.2e}")
-    print(f"jax compile+first call: {compile_seconds:.2f} s")
-    print(f"jax forward (jit):      {jax_seconds * 1e3:.1f} ms")
-    print(f"diffusers forward:      {torch_seconds * 1e3:.1f} ms")
-    print(f"ratio diffusers / jax:  {torch_seconds / jax_seconds:.2f}x")
-
+    print(timing.line("jax") + " (first call = compilation)")
+    print(timing.line("diffusers"))
+    report_machine(before)
+    ratio, spread = timing.ratio("diffusers", "jax")
+    print(f"diffusers_over_jax={ratio:.2f} spread={spread:.2f}")
 
 if __name__ == "__main__":
     main()

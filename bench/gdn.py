@@ -1,7 +1,7 @@
 """The frame-level bidirectional GDN recurrence: CPU timings of the XLA op and the oracle, and the Pallas kernels'
 cost at the released 720p / 60 s shapes with the H100 roofline it implies.
 
-1. Wall time (median of --repeats after a warm-up/compile) of our jitted XLA op `sanawm_jax.ops.gdn.frame_gdn`
+1. Wall time (median of --repeats, the two sides interleaved, after a first call reported apart) of our jitted XLA op `sanawm_jax.ops.gdn.frame_gdn`
    (main branch: numerator and denominator streams, float32) against diffusers' bidirectional composition — the
    oracle's `torch_chunk_sana_gdn` run forward (inclusive) and on flip_and_shift-ed inputs (exclusive backward), as
    `SanaWMBidirectionalGDNAttention` does — on the same inputs and CPU, plus the parity of the two outputs.
@@ -28,7 +28,7 @@ from diffusers.models.transformers.transformer_sana_wm import (
     flip_and_shift,
     torch_chunk_sana_gdn,
 )
-from timing import median_seconds
+from timing import interleaved, machine_state, report_machine
 
 from pallas_kernels.frame_gdn import frame_gdn_costs
 from sanawm_jax.ops.gdn import frame_gdn
@@ -99,12 +99,11 @@ def time_cpu(shape, repeats):
         with torch.no_grad():
             return oracle_bidirectional(*(torch_args[n] for n in ("q", "k", "v", "q_rot", "k_rot", "beta", "decay")))
 
-    xla_seconds = median_seconds(lambda: xla_op(*jax_args).block_until_ready(), repeats)
-    oracle_seconds = median_seconds(run_oracle, repeats)
+    timing = interleaved({"xla": lambda: xla_op(*jax_args).block_until_ready(), "oracle": run_oracle}, repeats)
     ours = np.asarray(xla_op(*jax_args), np.float64).transpose(0, 3, 4, 1, 2).reshape(batch, heads, dim, -1)
     reference = run_oracle().double().numpy()
     parity = np.linalg.norm(ours - reference) / np.linalg.norm(reference)
-    return xla_seconds, oracle_seconds, parity
+    return timing, parity
 
 
 def kernel_costs_table():
@@ -133,19 +132,22 @@ def main():
     parser.add_argument("--threads", type=int, choices=(1, 2), default=1,
                         help="1: torch and XLA single-threaded; 2: torch 2 threads, XLA's default thread pool")
     args = parser.parse_args()
+    before = machine_state()
     torch.set_num_threads(args.threads)
     if args.threads == 1:  # read when the XLA CPU backend starts, i.e. at the first computation below
         os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, threads {args.threads}, "
           f"oracle chunk {ORACLE_CHUNK}")
-    print("\n| B×H×T×S×D | XLA op (jit) | oracle (torch) | oracle / XLA | parity (rel. L2) |")
-    print("|---|---|---|---|---|")
+    print("\n| B×H×T×S×D | XLA compile s | XLA op (jit) | oracle (torch) | oracle / XLA | spread | parity (rel. L2) |")
+    print("|---|---|---|---|---|---|---|")
     for text in args.shapes:
         shape = tuple(int(x) for x in text.split("x"))
-        xla_seconds, oracle_seconds, parity = time_cpu(shape, args.repeats)
-        print(f"| {text} | {xla_seconds * 1e3:.1f} ms | {oracle_seconds * 1e3:.1f} ms "
-              f"| {oracle_seconds / xla_seconds:.2f}× | {parity:.1e} |")
+        timing, parity = time_cpu(shape, args.repeats)
+        ratio, spread = timing.ratio("oracle", "xla")
+        print(f"| {text} | {timing.first['xla']:.1f} | {timing.median('xla') * 1e3:.1f} ms "
+              f"| {timing.median('oracle') * 1e3:.1f} ms | {ratio:.2f}× | {spread:.2f} | {parity:.1e} |")
+    report_machine(before)
 
     peaks = ", ".join(f"{name} {value:.3g}" for name, value in H100.items())
     print(f"\nPallas kernels per call at H={RELEASED['heads']}, T={RELEASED['frames']}, S={RELEASED['tokens']}, "

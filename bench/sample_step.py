@@ -2,7 +2,9 @@
 
 A step is what the sampling loop does once: the DiT on the CFG batch [uncond; cond] (camera tensors duplicated), the
 guidance mix and the per-token Euler update. Both sides run float32 on the CPU with random weights (the timing does
-not depend on their values); JAX is timed after a warm-up call that compiles the step.
+not depend on their values). The two sides run interleaved; each side's first call (JAX: compilation) is reported
+apart from the steady-state median. The last line is `diffusers_over_jax=R spread=S` for the last config given: R
+the median of the per-repeat ratios diffusers / jax, S their relative spread (max - min) / median.
 
     python bench/sample_step.py [--configs tiny small] [--repeats 5]
 """
@@ -10,14 +12,13 @@ not depend on their values); JAX is timed after a warm-up call that compiles the
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaWMTransformer3DModel
-from timing import median_seconds
+from timing import interleaved, machine_state, report_machine
 
 from sanawm_jax.camera import action_string_to_c2w, prepare_camera
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
@@ -82,9 +83,7 @@ def jax_step(oracle, case, inputs):
     def run():
         denoise_step(model, params, latents, timestep, sigmas, guidance, conditioning, True).block_until_ready()
 
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start, run
+    return run
 
 
 def torch_step(oracle, inputs):
@@ -120,21 +119,24 @@ def main():
     parser.add_argument("--configs", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    before = machine_state()
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), float32, CFG batch 2, median of {args.repeats}")
-    print(f"{'config':<8}{'tokens':>8}{'jax compile s':>15}{'jax step ms':>13}{'torch step ms':>15}{'torch/jax':>11}")
+          f"({torch.get_num_threads()} threads), float32, CFG batch 2, median of {args.repeats} interleaved repeats")
+    print(f"{'config':<8}{'tokens':>8}{'jax compile s':>15}{'jax step ms':>13}{'torch step ms':>15}"
+          f"{'torch/jax':>11}{'spread':>8}")
     for name in args.configs:
         case = CASES[name]
         torch.manual_seed(0)
         oracle = SanaWMTransformer3DModel(**case["model"]).eval()
         inputs = make_inputs(case, np.random.default_rng(0))
-        compile_seconds, jax_run = jax_step(oracle, case, inputs)
-        jax_seconds = median_seconds(jax_run, args.repeats)
-        torch_seconds = median_seconds(torch_step(oracle, inputs), args.repeats)
+        timing = interleaved({"jax": jax_step(oracle, case, inputs), "diffusers": torch_step(oracle, inputs)},
+                             args.repeats)
+        ratio, spread = timing.ratio("diffusers", "jax")
         tokens = int(np.prod(case["latent"]))
-        print(f"{name:<8}{tokens:>8}{compile_seconds:>15.1f}{1e3 * jax_seconds:>13.1f}{1e3 * torch_seconds:>15.1f}"
-              f"{torch_seconds / jax_seconds:>11.2f}")
-
+        print(f"{name:<8}{tokens:>8}{timing.first['jax']:>15.1f}{1e3 * timing.median('jax'):>13.1f}"
+              f"{1e3 * timing.median('diffusers'):>15.1f}{ratio:>11.2f}{spread:>8.2f}")
+    report_machine(before)
+    print(f"diffusers_over_jax={ratio:.2f} spread={spread:.2f}")
 
 if __name__ == "__main__":
     main()

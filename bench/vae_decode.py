@@ -12,7 +12,13 @@ Method
      array (961 frames) and one tile copy. Tiles have one shape, so nothing grows with the video length except the
      host output array.
 
+  4. Speed (--speed): the released decoder (random weights converted by our converter) decoding a small latent video,
+     our jit-compiled `decode` against diffusers' eager `AutoencoderKLLTX2Video.decode`, interleaved (median of
+     --repeats, compilation reported apart), with the parity of the outputs. The last line is
+     `diffusers_over_jax=R spread=S`.
+
 Usage: python bench/vae_decode.py [--grids 2x3 4x6] [--tiles 1 3] [--analysis-only]
+       python bench/vae_decode.py --speed [--speed-latents 2x2x3] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -104,6 +110,55 @@ def measure_in_subprocess(height: int, width: int, tiles: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# The released decoder in diffusers' spelling; the other defaults of `AutoencoderKLLTX2Video` are the released ones.
+RELEASED_DIFFUSERS_FIELDS = ("latent_channels", "block_out_channels", "decoder_block_out_channels", "layers_per_block",
+                             "decoder_layers_per_block", "upsample_factor", "upsample_residual", "decoder_causal")
+
+
+def speed(frames: int, height: int, width: int, repeats: int) -> None:
+    """Time our jitted decode against diffusers' eager decode of (1, frames, height, width, 128) latents."""
+    import torch
+    from diffusers import AutoencoderKLLTX2Video
+    from timing import interleaved, machine_state, report_machine
+
+    from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
+    from sanawm_jax.models.ltx2_vae import VAEConfig
+    from sanawm_jax.models.ltx2_vae.checkpoint import convert_vae_state_dict
+
+    before = machine_state()
+    released = VAE_PRESETS["ltx2_video"]
+    torch.manual_seed(0)
+    oracle = AutoencoderKLLTX2Video(**{name: getattr(released, name) for name in RELEASED_DIFFUSERS_FIELDS}).eval()
+    config = VAEConfig.from_diffusers_config(dict(oracle.config))
+    if config != released:
+        raise ValueError("the diffusers VAE built for the benchmark does not have the released configuration")
+    params = convert_vae_state_dict(TorchStateDictSource(oracle.state_dict(), "benchmark"), config)
+    params = {key: params[key] for key in ("decoder", "latents_mean", "latents_std")}
+    oracle.encoder = None  # only the decoder is timed; frees its memory
+    latents = np.random.default_rng(0).standard_normal((1, frames, height, width, config.latent_channels))
+    latents = latents.astype(np.float32)
+    program = decode_program(config)
+    run_jax = lambda: jax.block_until_ready(program(params, latents))
+    torch_latents = torch.from_numpy(latents).permute(0, 4, 1, 2, 3)
+    mean, std = oracle.latents_mean.view(1, -1, 1, 1, 1), oracle.latents_std.view(1, -1, 1, 1, 1)
+
+    def run_torch():
+        with torch.no_grad():
+            return oracle.decode(torch_latents / oracle.config.scaling_factor * std + mean, return_dict=False)[0]
+
+    timing = interleaved({"jax": run_jax, "diffusers": run_torch}, repeats)
+    ours, reference = np.asarray(run_jax()), run_torch().permute(0, 2, 3, 4, 1).numpy()
+    relative_l2 = np.linalg.norm(ours - reference) / np.linalg.norm(reference)
+    print(f"released decoder, latents {frames}x{height}x{width} -> video {ours.shape[1:4]}, float32; jax "
+          f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), {repeats} interleaved "
+          f"repeats; parity relative L2 = {relative_l2:.1e}")
+    print(timing.line("jax") + " (first call = compilation)")
+    print(timing.line("diffusers"))
+    report_machine(before)
+    ratio, spread = timing.ratio("diffusers", "jax")
+    print(f"diffusers_over_jax={ratio:.2f} spread={spread:.2f}")
+
+
 def parse_grid(text: str) -> tuple[int, int]:
     height, width = text.split("x")
     return int(height), int(width)
@@ -114,10 +169,16 @@ def main(argv=None):
     parser.add_argument("--grids", nargs="+", default=["2x3"], help="latent grids to measure (h x w)")
     parser.add_argument("--tiles", nargs="+", type=int, default=[1, 3], help="tile counts to measure")
     parser.add_argument("--analysis-only", action="store_true", help="skip the measured runs")
+    parser.add_argument("--speed", action="store_true", help="time the decode against diffusers instead")
+    parser.add_argument("--speed-latents", default="2x2x3", help="latent T x h x w of the speed comparison")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--measure", nargs=2, metavar=("GRID", "TILES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(*parse_grid(args.measure[0]), int(args.measure[1]))))
+        return
+    if args.speed:
+        speed(*(int(n) for n in args.speed_latents.split("x")), args.repeats)
         return
 
     config = VAE_PRESETS["ltx2_video"]
