@@ -1,8 +1,10 @@
 """Softmax attention with a selectable implementation.
 
-"xla": einsum logits with float32 accumulation, float32 softmax, probabilities cast to the value dtype for the second
-matmul. Queries are processed in blocks of `query_block` (a `lax.map`), so the logits held at once are
-(B, H, query_block, Nk) rather than (B, H, Nq, Nk): exact, since every query row's softmax is independent.
+"xla": heads-major einsum logits with float32 accumulation, float32 softmax statistics; the unnormalised weights
+exp(logit - max), cast to the value dtype, go through the second matmul (float32 accumulation) and the result is
+divided by their float32 row sums, which saves a pass over the logits. Queries are processed in at most
+`query_block`-row blocks of equal size (a `lax.map`), so the logits held at once are (B, H, <= query_block, Nk)
+rather than (B, H, Nq, Nk): exact, since every query row's softmax is independent.
 "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash-attention kernel on NVIDIA GPUs
 (bf16/fp16 inputs).
 """
@@ -29,18 +31,25 @@ def dot_product_attention(query, key, value, *, scale: float, key_mask=None, imp
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}")
 
+    key_heads, value_heads = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, H, Nk, D)
+
     def attend(query_rows):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query_rows, key, preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum("bhqd,bhkd->bhqk", jnp.swapaxes(query_rows, 1, 2), key_heads,
+                            preferred_element_type=jnp.float32) * scale
         if key_mask is not None:
             logits = jnp.where(key_mask, logits, MASKED_LOGIT)
-        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+        weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype), value_heads,
+                         preferred_element_type=jnp.float32)
+        out = out / jnp.sum(weights, axis=-1, keepdims=True)
+        return jnp.swapaxes(out, 1, 2).astype(value.dtype)
 
     b, nq, h, d = query.shape
     if nq <= query_block:
         return attend(query)
     num_blocks = -(-nq // query_block)
-    padded = jnp.pad(query, ((0, 0), (0, num_blocks * query_block - nq), (0, 0), (0, 0)))
-    blocks = jnp.moveaxis(padded.reshape(b, num_blocks, query_block, h, d), 1, 0)
+    block = -(-nq // num_blocks)
+    padded = jnp.pad(query, ((0, 0), (0, num_blocks * block - nq), (0, 0), (0, 0)))
+    blocks = jnp.moveaxis(padded.reshape(b, num_blocks, block, h, d), 1, 0)
     out = jax.lax.map(attend, blocks)
-    return jnp.moveaxis(out, 0, 1).reshape(b, num_blocks * query_block, h, value.shape[-1])[:, :nq]
+    return jnp.moveaxis(out, 0, 1).reshape(b, num_blocks * block, h, value.shape[-1])[:, :nq]
