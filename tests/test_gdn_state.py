@@ -124,7 +124,7 @@ def chunk_starts_of(frames, first_chunk):
 
 
 @pytest.mark.parametrize("chunk_causal", [False, True], ids=["bidirectional", "chunk-causal"])
-@pytest.mark.parametrize("branch", BRANCHES)
+@pytest.mark.parametrize("branch", ["main", pytest.param("camera", marks=pytest.mark.slow)])
 def test_xla_chained_pieces_equal_whole_sequence(branch, chunk_causal):
     names = BRANCHES[branch]
     frames, sizes = 9, {"batch": 1, "heads": 2, "dim": 16, "tokens": 6}
@@ -175,7 +175,7 @@ def test_pallas_chained_pieces_equal_whole_sequence(branch):
 
 
 @pytest.mark.parametrize("chunk_causal", [False, True], ids=["bidirectional", "chunk-causal"])
-@pytest.mark.parametrize("branch", BRANCHES)
+@pytest.mark.parametrize("branch", ["main", pytest.param("camera", marks=pytest.mark.slow)])
 def test_pallas_with_carried_state_equals_xla_op(branch, chunk_causal):
     """B = H = 2 so that a state reaching the wrong (batch, head) program would show; D = 12 is padded to 16."""
     names = BRANCHES[branch]

@@ -91,6 +91,7 @@ def test_pipeline_conversion_matches_component_converters(pipeline_root, convert
     np.testing.assert_array_equal(np.asarray(ours[1]), np.asarray(reference[1]))
 
 
+@pytest.mark.slow  # the fast tier samples a converted checkpoint with precomputed embeddings
 def test_sample_from_converted_checkpoint(converted_pipeline, tmp_path):
     image = demo.asset_path(demo.EXAMPLE_IMAGE)
     fx, fy, cx, cy = demo.example_intrinsics()

@@ -61,6 +61,7 @@ def unused_parameter(path: tuple[str, ...], config: SanaWMConfig) -> bool:
     return block and path[1] == "attn" and path[2] in ("beta_proj", "gate_proj", "A_log", "dt_bias")
 
 
+@pytest.mark.slow
 def test_gradient_is_finite_and_nonzero_for_every_used_parameter():
     config = PRESETS["sana_wm_tiny"]
     params = init_params(config, jax.random.key(0))
@@ -86,6 +87,7 @@ def test_gradient_is_finite_and_nonzero_for_every_used_parameter():
             assert np.any(grad), f"zero gradient for {'/'.join(path)}"
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_output_and_gradient():
     config = PRESETS["sana_wm_tiny"]
     params = init_params(config, jax.random.key(1))

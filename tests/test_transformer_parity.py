@@ -97,7 +97,8 @@ def test_converted_tree_uses_both_block_kinds(converted):
     assert "conv_k" in params["blocks_0"]["attn"] and "conv_k" not in params["blocks_3"]["attn"]
 
 
-@pytest.mark.parametrize("frames", [1, 2, 5])
+# One frame count in the fast tier; the single-frame and five-frame cases compile two more programs.
+@pytest.mark.parametrize("frames", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(5, marks=pytest.mark.slow)])
 def test_parity_with_camera(converted, frames):
     assert compare(converted, frames=frames) <= 1e-5
 
@@ -110,10 +111,12 @@ def test_parity_cfg_batch_with_different_text_masks(converted):
     assert compare(converted, batch=2, frames=3, text_lengths=(5, 2)) <= 1e-5
 
 
+@pytest.mark.slow  # the 3x4 grid of the other cases is already non-square
 def test_parity_non_square_grid(converted):
     assert compare(converted, frames=2, height=2, width=5) <= 1e-5
 
 
+@pytest.mark.slow
 def test_parity_padded_trailing_frames(converted):
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.float32)
     assert compare(converted, batch=2, frames=5, frame_mask=mask) <= 1e-5
