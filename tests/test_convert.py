@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -36,12 +37,6 @@ def expected_params(oracle_fp32):
     oracle, diffusers_config = oracle_fp32
     config = SanaWMConfig.from_diffusers_config(diffusers_config)
     return convert_state_dict(TorchStateDictSource(oracle.state_dict(), "oracle"), config, log=lambda *_: None)
-
-
-def assert_trees_equal(actual, expected):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
 def write_diffusers_folder(oracle, folder):
@@ -77,7 +72,7 @@ def test_diffusers_sharded_folder_round_trips(oracle_fp32, expected_params, tmp_
     convert_torch_weights.main([str(root), str(tmp_path / "out")])  # config comes from transformer/config.json
     model, params = load_transformer(tmp_path / "out")
     assert model.config.num_layers == 4
-    assert_trees_equal(params, expected_params)
+    chex.assert_trees_all_equal(params, expected_params)
 
 
 def test_flat_safetensors_with_diffusers_names_round_trips(oracle_fp32, expected_params, tmp_path):
@@ -86,12 +81,12 @@ def test_flat_safetensors_with_diffusers_names_round_trips(oracle_fp32, expected
     (tmp_path / "tiny.json").write_text(json.dumps(diffusers_config))
     convert_torch_weights.main([str(path), str(tmp_path / "out"), "--config", str(tmp_path / "tiny.json")])
     _, params = load_transformer(tmp_path / "out")
-    assert_trees_equal(params, expected_params)
+    chex.assert_trees_all_equal(params, expected_params)
 
 
 def test_torch_pickle_round_trips(converted_pickle, expected_params):
     _, params = load_transformer(converted_pickle)
-    assert_trees_equal(params, expected_params)
+    chex.assert_trees_all_equal(params, expected_params)
 
 
 def test_files_without_config_need_one(oracle_fp32, tmp_path):
@@ -293,7 +288,7 @@ def test_bidirectional_release_folder_with_its_config_yaml_is_accepted(oracle_fp
                 "pos_embed_type": "wan_rope", "chunk_split_strategy": "first_chunk_plus_one"}
     nvlabs_repo(released)(oracle, tmp_path)
     convert_torch_weights.main([str(tmp_path / "repo"), str(tmp_path / "out"), "--config", "sana_wm_tiny"])
-    assert_trees_equal(load_transformer(tmp_path / "out")[1], expected_params)
+    chex.assert_trees_all_equal(load_transformer(tmp_path / "out")[1], expected_params)
 
 
 @pytest.mark.parametrize("change", [{"hidden_size": 96}, {"num_layers": 2}], ids=["width", "depth"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -160,9 +161,7 @@ def test_converter_reads_pipeline_root(oracle, converted, tmp_path):
     config, params = convert_vae(tmp_path / "pipeline")
     expected_config, expected_params = converted
     assert config == expected_config
-    assert jax.tree.structure(params) == jax.tree.structure(expected_params)
-    for actual, expected in zip(jax.tree.leaves(params), jax.tree.leaves(expected_params)):
-        np.testing.assert_array_equal(actual, expected)
+    chex.assert_trees_all_equal(params, expected_params)
 
 
 def test_converter_reads_bfloat16_folder(oracle, converted, clip_latents_and_oracle_video, tmp_path):
