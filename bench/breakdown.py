@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dit_forward import add_model_arguments, model_config_fields, random_inputs
 from timing import interleaved, machine_state, report_machine
 
 from sanawm_jax.models.sana_wm import ucpe
@@ -40,22 +41,6 @@ from sanawm_jax.ops.gdn import frame_gdn
 EMBEDDING = "embedding (patchify, timestep, caption, rope, ray transforms)"
 FINAL, FORWARD = "final layer", "whole forward"
 GDN_PROJECTIONS = ("qkv", "q_proj_cam", "k_proj_cam", "v_proj_cam", "out_proj_cam", "output_gate", "proj")
-
-
-def model_inputs(config, args, rng):
-    b, t, h, w = 1, args.frames, args.height, args.width
-    conditions = np.zeros((b, t, 20), np.float32)
-    conditions[..., :16] = np.eye(4, dtype=np.float32).reshape(-1)
-    conditions[:, :, 3] = np.linspace(0, 1, t)
-    conditions[..., 16:] = [w * 0.9, h * 1.1, w / 2, h / 2]
-    return {
-        "latents": rng.standard_normal((b, t, h, w, config.in_channels)).astype(np.float32),
-        "timesteps": rng.uniform(0, 1000, (b, t)).astype(np.float32),
-        "text": rng.standard_normal((b, args.text_len, config.caption_channels)).astype(np.float32),
-        "text_mask": np.ones((b, args.text_len), np.int32),
-        "camera_conditions": conditions,
-        "chunk_plucker": rng.standard_normal((b, t, h, w, config.chunk_plucker_channels)).astype(np.float32),
-    }
 
 
 def apply(module, method=None):
@@ -177,26 +162,14 @@ def parts(config, params, inputs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=128)
-    parser.add_argument("--caption-channels", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=5)
-    parser.add_argument("--height", type=int, default=11)
-    parser.add_argument("--width", type=int, default=20)
-    parser.add_argument("--text-len", type=int, default=32)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
     before = machine_state()
-    config = SanaWMConfig(
-        in_channels=args.channels, num_layers=args.layers, hidden_size=args.hidden,
-        num_attention_heads=args.hidden // args.head_dim, linear_head_dim=args.head_dim,
-        caption_channels=args.caption_channels, chunk_plucker_post_attn_blocks=args.layers,
-    )
+    config = SanaWMConfig(**model_config_fields(args))
     params = init_params(config, jax.random.key(0))
-    inputs = model_inputs(config, args, np.random.default_rng(0))
+    inputs = random_inputs(np.random.default_rng(0), args, config)
     table = parts(config, params, inputs)
     functions = {name: (lambda fn=fn: jax.block_until_ready(fn())) for name, (fn, _) in table.items()}
     timing = interleaved(functions, args.repeats)

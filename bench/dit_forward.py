@@ -23,6 +23,28 @@ from sanawm_jax.models.sana_wm.config import SanaWMConfig
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DiT size and latent grid every DiT benchmark takes."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=128)
+    parser.add_argument("--caption-channels", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--height", type=int, default=11)
+    parser.add_argument("--width", type=int, default=20)
+    parser.add_argument("--text-len", type=int, default=32)
+
+
+def model_config_fields(args) -> dict:
+    """SanaWMConfig / diffusers `SanaWMTransformer3DModel` fields of the size given by `add_model_arguments`."""
+    return dict(
+        in_channels=args.channels, num_layers=args.layers, hidden_size=args.hidden,
+        num_attention_heads=args.hidden // args.head_dim, linear_head_dim=args.head_dim,
+        caption_channels=args.caption_channels, chunk_plucker_post_attn_blocks=args.layers,
+    )
+
+
 def random_inputs(rng, args, config):
     b, t, h, w = 1, args.frames, args.height, args.width
     conditions = np.zeros((b, t, 20), np.float32)
@@ -41,26 +63,14 @@ def random_inputs(rng, args, config):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=128)
-    parser.add_argument("--caption-channels", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=5)
-    parser.add_argument("--height", type=int, default=11)
-    parser.add_argument("--width", type=int, default=20)
-    parser.add_argument("--text-len", type=int, default=32)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     before = machine_state()
 
     from diffusers import SanaWMTransformer3DModel
 
-    diffusers_config = dict(
-        in_channels=args.channels, num_layers=args.layers, hidden_size=args.hidden,
-        num_attention_heads=args.hidden // args.head_dim, linear_head_dim=args.head_dim,
-        caption_channels=args.caption_channels, chunk_plucker_post_attn_blocks=args.layers,
-    )
+    diffusers_config = model_config_fields(args)
     torch.manual_seed(0)
     oracle = SanaWMTransformer3DModel(**diffusers_config).eval()
     with torch.no_grad():
