@@ -1,0 +1,69 @@
+"""diffusers refiner folders -> our parameter trees, one tensor at a time.
+
+Transformer (`SanaWMLTX2RefinerTransformer3DModel`, folder `refiner/transformer/` or `refiner_diffusers/transformer/`):
+our paths map to the diffusers names by `torch_name` (`transformer_blocks_3/attn1/to_out_0/kernel` ->
+`transformer_blocks.3.attn1.to_out.0.weight`). The audio stream's tensors (`audio_*`, `av_cross_attn_*`, the blocks'
+`audio_*`, `audio_to_video_*`, `video_to_audio_*` and a2v tables) are skipped and listed in one log line.
+Connectors (`LTX2TextConnectors`, folder `connectors/`): `text_proj_in` and the video connector convert; the audio
+connector is skipped the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from sanawm_jax.checkpoint.keymap import convert_tensors, flatten, torch_name, torch_shape
+from sanawm_jax.checkpoint.torch_sources import open_diffusers_folder
+from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
+from sanawm_jax.models.refiner.rope import rope_tables, video_fractions
+from sanawm_jax.models.refiner.transformer import RefinerTransformer
+
+NUMBERED = "transformer_blocks|to_out|net"
+AUDIO_KEY = re.compile(r"(^|\.)(audio_|av_cross_attn_|video_to_audio_|video_a2v_)|^audio_connector\.")
+
+
+def is_audio_key(key: str) -> bool:
+    """True for the tensors of the audio stream, which the video refiner never reads."""
+    return bool(AUDIO_KEY.search(key))
+
+
+def diffusers_key(path: tuple[str, ...]) -> str:
+    return torch_name(path, numbered=NUMBERED)
+
+
+def abstract_refiner_params(config: RefinerConfig) -> dict:
+    """Parameter tree of `RefinerTransformer(config)` as ShapeDtypeStructs (nothing allocated)."""
+    rope = rope_tables(video_fractions([0], 1, 1, scale_factors=config.vae_scale_factors,
+                                       causal_offset=config.causal_offset, fps=24.0,
+                                       max_positions=(config.pos_embed_max_pos, config.base_height,
+                                                      config.base_width)),
+                       config.inner_dim, config.rope_theta, config.rope_type, config.num_attention_heads)
+    tokens = jax.ShapeDtypeStruct((1, 1, config.in_channels), jnp.float32)
+    text = jax.ShapeDtypeStruct((1, 1, config.caption_channels), jnp.float32)
+    steps = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+    variables = jax.eval_shape(lambda *a: RefinerTransformer(config).init(jax.random.key(0), *a),
+                               tokens, text, steps, rope)
+    return variables["params"]
+
+
+def refiner_key_table(config: RefinerConfig) -> dict[str, tuple[int, ...]]:
+    """{diffusers key: diffusers shape} of every tensor the video path reads."""
+    return {diffusers_key(path): torch_shape(leaf.shape, path[-1])
+            for path, leaf in flatten(abstract_refiner_params(config)).items()}
+
+
+def convert_refiner(source, config: RefinerConfig, log=print) -> dict:
+    """A `TensorSource` of the refiner transformer -> params tree of numpy arrays (strict; audio tensors skipped)."""
+    expected = flatten(abstract_refiner_params(config))
+    return convert_tensors(source, expected, diffusers_key, "the refiner config", is_audio_key, log)
+
+
+def load_refiner(folder, *, param_dtype: str = "float32", dtype: str = "float32", log=print):
+    """A diffusers refiner transformer folder -> (RefinerConfig, params)."""
+    source = open_diffusers_folder(Path(folder))
+    config = RefinerConfig.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=dtype)
+    return config, convert_refiner(source, config, log)
