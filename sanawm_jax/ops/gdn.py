@@ -87,30 +87,37 @@ def check_state_inputs(v, with_denominator, initial_state, chunk_starts):
             )
 
 
-def _absorb_frame(state, key, value, beta, decay):
-    """One frame of the delta rule.
+UNROLL_MAX_FRAMES = 16  # scans over at most this many frames are unrolled (see `_scan_frames`)
 
-    state: (B, H, E, D); key: (B, S, H, D); value: (B, S, H, E); beta: (B, S, H); decay: (B, H).
+
+def _absorb_frame(state, key, value, beta, decay):
+    """One frame of the delta rule, heads-major.
+
+    state: (B, H, E, D); key: (B, H, S, D); value: (B, H, S, E); beta: (B, H, S); decay: (B, H).
     Returns the new state (B, H, E, D).
     """
     decayed = state * decay[:, :, None, None]
-    predicted = jnp.einsum("bhed,bshd->bshe", decayed, key, precision=HIGHEST)
+    predicted = jnp.einsum("bhed,bhsd->bhse", decayed, key, precision=HIGHEST)
     correction = (value - predicted) * beta[..., None]
-    return decayed + jnp.einsum("bshe,bshd->bhed", correction, key, precision=HIGHEST)
+    return decayed + jnp.einsum("bhse,bhsd->bhed", correction, key, precision=HIGHEST)
 
 
 def _read_state(state, query):
-    """state: (B, H, E, D); query: (B, S, H, D) -> (B, S, H, E)."""
-    return jnp.einsum("bhed,bshd->bshe", state, query, precision=HIGHEST)
+    """state: (B, H, E, D); query: (B, H, S, D) -> (B, H, S, E)."""
+    return jnp.einsum("bhed,bhsd->bhse", state, query, precision=HIGHEST)
 
 
 def _scan_frames(streams, beta, decay, initial_states, *, reverse):
     """Run every stream through the frames in one direction.
 
-    streams: tuple of (key (T,B,S,H,D), value (T,B,S,H,E), query (T,B,S,H,D)), all time-major float32.
-    beta: (T, B, S, H); decay: (T, B, H); initial_states: one (B, H, E, D) state per stream.
+    streams: tuple of (key (T,B,H,S,D), value (T,B,H,S,E), query (T,B,H,S,D)), all time-major, heads-major float32
+    (every per-frame product is then a plain batched matmul over (B, H)).
+    beta: (T, B, H, S); decay: (T, B, H); initial_states: one (B, H, E, D) state per stream.
     reverse=False: forward, inclusive; reverse=True: backward, exclusive.
-    Returns (final states, one (T, B, S, H, E) output per stream).
+    Returns (final states, one (T, B, H, S, E) output per stream).
+    Up to UNROLL_MAX_FRAMES frames the scan is unrolled: on the CPU a rolled loop costs 1.2-1.45x more time at
+    5-21 frames (per-iteration slicing and loop overhead, and the two directions cannot overlap); longer runs stay
+    rolled to bound the program size.
     """
 
     def step(states, frame):
@@ -123,7 +130,9 @@ def _scan_frames(streams, beta, decay, initial_states, *, reverse):
         outputs = tuple(_read_state(state, query) for state, (_, _, query) in zip(read_states, frame_streams))
         return new_states, outputs
 
-    return lax.scan(step, tuple(initial_states), (streams, beta, decay), reverse=reverse)
+    frames = beta.shape[0]
+    unroll = frames if frames <= UNROLL_MAX_FRAMES else 1
+    return lax.scan(step, tuple(initial_states), (streams, beta, decay), reverse=reverse, unroll=unroll)
 
 
 def _stream_states(scan, with_denominator):
@@ -165,10 +174,10 @@ def frame_gdn(q_rot, k_rot, v, beta, decay, q=None, k=None, *, eps=1e-8, initial
         b, _, _, h, d = v.shape
         initial_state = GDNState.zeros(b, h, d, with_denominator=with_denominator)
 
-    def time_major(x):
-        return jnp.moveaxis(x.astype(jnp.float32), 1, 0)
+    def time_major(x):  # (B, T, S, H, ...) -> (T, B, H, S, ...)
+        return jnp.moveaxis(jnp.swapaxes(x.astype(jnp.float32), 2, 3), 1, 0)
 
-    beta_by_frame, decay_by_frame = time_major(beta), time_major(decay)
+    beta_by_frame, decay_by_frame = time_major(beta), jnp.moveaxis(decay.astype(jnp.float32), 1, 0)
     streams = ((time_major(k_rot), time_major(v), time_major(q_rot)),)
     if with_denominator:
         streams += ((time_major(k), jnp.ones_like(beta_by_frame)[..., None], time_major(q)),)
@@ -184,7 +193,7 @@ def frame_gdn(q_rot, k_rot, v, beta, decay, q=None, k=None, *, eps=1e-8, initial
     backward_final, backward = _scan_frames(
         streams, backward_beta, backward_decay, _stream_states(initial_state.backward, with_denominator), reverse=True
     )
-    totals = [jnp.moveaxis(fwd + bwd, 0, 1) for fwd, bwd in zip(forward, backward)]
+    totals = [jnp.swapaxes(jnp.moveaxis(fwd + bwd, 0, 1), 2, 3) for fwd, bwd in zip(forward, backward)]
     if with_denominator:
         numerator, denominator = totals
         output = numerator / (denominator + eps)
