@@ -19,37 +19,51 @@ QUERY_BLOCK = 512  # released shapes (B=2, H=20, 106,480 keys): 8.7 GB of float3
 
 
 def dot_product_attention(query, key, value, *, scale: float, key_mask=None, impl: str = "xla",
-                          query_block: int = QUERY_BLOCK):
+                          query_block: int = QUERY_BLOCK, segments=None):
     """query (B, Nq, H, D), key/value (B, Nk, H, D), key_mask (B or 1, 1, 1, Nk) bool or None.
 
+    segments: optional (query_segments (Nq,), key_segments (Nk,)) int arrays for block-causal attention: a query
+    attends a key only if key_segment <= query_segment (chunk-causal mode). None: no such mask in the program.
     Returns (B, Nq, H, D) in value.dtype.
     """
     if impl == "cudnn":
+        mask = key_mask
+        if segments is not None:
+            causal = (jnp.asarray(segments[1])[None, :] <= jnp.asarray(segments[0])[:, None])[None, None]
+            mask = causal if key_mask is None else causal & key_mask
         return jax.nn.dot_product_attention(
-            query, key, value, scale=scale, mask=key_mask, implementation="cudnn"
+            query, key, value, scale=scale, mask=mask, implementation="cudnn"
         ).astype(value.dtype)
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}")
 
     key_heads, value_heads = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, H, Nk, D)
 
-    def attend(query_rows):
+    def attend(query_rows, query_segments=None):
         logits = jnp.einsum("bhqd,bhkd->bhqk", jnp.swapaxes(query_rows, 1, 2), key_heads,
                             preferred_element_type=jnp.float32) * scale
         if key_mask is not None:
             logits = jnp.where(key_mask, logits, MASKED_LOGIT)
+        if query_segments is not None:
+            logits = jnp.where(key_segments[None, :] <= query_segments[:, None], logits, MASKED_LOGIT)
         weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
         out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype), value_heads,
                          preferred_element_type=jnp.float32)
         out = out / jnp.sum(weights, axis=-1, keepdims=True)
         return jnp.swapaxes(out, 1, 2).astype(value.dtype)
 
+    key_segments = None if segments is None else jnp.asarray(segments[1])
+    query_segments = None if segments is None else jnp.asarray(segments[0])
     b, nq, h, d = query.shape
     if nq <= query_block:
-        return attend(query)
+        return attend(query, query_segments)
     num_blocks = -(-nq // query_block)
     block = -(-nq // num_blocks)
     padded = jnp.pad(query, ((0, 0), (0, num_blocks * block - nq), (0, 0), (0, 0)))
     blocks = jnp.moveaxis(padded.reshape(b, num_blocks, block, h, d), 1, 0)
-    out = jax.lax.map(attend, blocks)
+    if query_segments is None:
+        out = jax.lax.map(attend, blocks)
+    else:
+        segment_blocks = jnp.pad(query_segments, (0, num_blocks * block - nq), mode="edge").reshape(num_blocks, block)
+        out = jax.lax.map(lambda args: attend(*args), (blocks, segment_blocks))
     return jnp.moveaxis(out, 0, 1).reshape(b, num_blocks * block, h, value.shape[-1])[:, :nq]

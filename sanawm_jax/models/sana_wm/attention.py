@@ -5,6 +5,9 @@ Two kinds share one parameter layout:
   "gdn":     bidirectional frame-level Gated DeltaNet in both branches (ReLU kernels, short conv on K,
              per-token β and per-frame decay gates); the camera branch runs the numerator-only recurrence.
   "softmax": full non-causal softmax attention in both branches; the GDN-only gate parameters exist but are unused.
+With `chunk_starts` (chunk-causal mode) both kinds become block-causal over chunks: softmax queries see the keys of
+their own and earlier chunks, the GDN backward scans and the backward taps of the short conv on K stay inside each
+chunk, while the forward scans run over all frames.
 Upstream quirks kept: the softmax main branch lets padded frames' (zeroed) keys take part in the softmax; the camera
 softmax uses the scale 1/sqrt(128) of a head dim padded to 128 (or 256), as the released model was trained with.
 """
@@ -18,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sanawm_jax.models.sana_wm import ucpe
+from sanawm_jax.models.sana_wm import chunks, ucpe
 from sanawm_jax.models.sana_wm.layers import (
     RMSNorm,
     TemporalShortConv,
@@ -76,6 +79,7 @@ class DualBranchAttention(nn.Module):
     gdn_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    chunk_starts: tuple[int, ...] | None = None
 
     def norm(self, name):
         return RMSNorm(1e-5, self.dtype, self.param_dtype, name=name) if self.qk_norm else (lambda x: x)
@@ -102,7 +106,7 @@ class DualBranchAttention(nn.Module):
         hidden = masked(x)
         query, key, value = (masked(a) for a in jnp.split(lin(3 * c, "qkv", bias=False)(hidden), 3, axis=-1))
         if gdn:
-            key = TemporalShortConv(self.conv_kernel_size, self.param_dtype, name="conv_k")(key)
+            key = TemporalShortConv(self.conv_kernel_size, self.param_dtype, self.chunk_starts, name="conv_k")(key)
         query, key = self.norm("q_norm")(query), self.norm("k_norm")(key)
         query, key, value = as_heads(query), as_heads(key), as_heads(value)
 
@@ -117,7 +121,7 @@ class DualBranchAttention(nn.Module):
             key_cam = masked(lin(c, "k_proj_cam")(hidden))
             value_cam = masked(lin(c, "v_proj_cam")(hidden))
             if gdn:
-                key_cam = TemporalShortConv(self.conv_kernel_size, self.param_dtype, name="conv_k_cam")(key_cam)
+                key_cam = TemporalShortConv(self.conv_kernel_size, self.param_dtype, self.chunk_starts, name="conv_k_cam")(key_cam)
             query_cam, key_cam = self.norm("q_norm_cam")(query_cam), self.norm("k_norm_cam")(key_cam)
             query_cam, key_cam, value_cam = as_heads(query_cam), as_heads(key_cam), as_heads(value_cam)
             if gdn:
@@ -133,7 +137,7 @@ class DualBranchAttention(nn.Module):
             for name in ("q_norm_cam", "k_norm_cam"):
                 self.norm(name)(jnp.zeros((1, c), self.dtype))
             if gdn:
-                TemporalShortConv(self.conv_kernel_size, self.param_dtype, name="conv_k_cam")(jnp.zeros((1, 1, 1, c)))
+                TemporalShortConv(self.conv_kernel_size, self.param_dtype, self.chunk_starts, name="conv_k_cam")(jnp.zeros((1, 1, 1, c)))
 
         gate = nn.silu(lin(c, "output_gate")(x).astype(jnp.float32))
         return lin(c, "proj")((out * gate).astype(self.dtype))
@@ -151,6 +155,19 @@ class DualBranchAttention(nn.Module):
             decay = decay * valid[:, :, None] + (1.0 - valid[:, :, None])
         return beta, decay
 
+    def gdn_kwargs(self, t):
+        """Chunk-causal mode: the backward scans reset at chunk starts."""
+        if self.chunk_starts is None:
+            return {}
+        return {"chunk_starts": jnp.asarray(chunks.start_mask(self.chunk_starts, t))}
+
+    def softmax_segments(self, t, s):
+        """Chunk-causal mode: per-token chunk ids of queries and keys (block-causal softmax), else None."""
+        if self.chunk_starts is None:
+            return None
+        ids = jnp.asarray(chunks.chunk_ids(self.chunk_starts, t).repeat(s))
+        return ids, ids
+
     def key_scale(self, s, d):
         return (d**-0.5) * (s**-0.5)
 
@@ -164,7 +181,8 @@ class DualBranchAttention(nn.Module):
         query_rot, key_rot = heads_mask(apply_rope(query, rope)), heads_mask(apply_rope(key, rope))
         frames = lambda a: a.astype(jnp.float32).reshape(b, t, s, h, d)
         out = frame_gdn_op(self.gdn_impl)(
-            frames(query_rot), frames(key_rot), frames(value), beta, decay, frames(query), frames(key), eps=GDN_EPS
+            frames(query_rot), frames(key_rot), frames(value), beta, decay, frames(query), frames(key), eps=GDN_EPS,
+            **self.gdn_kwargs(t),
         ).astype(value.dtype)
         out = out.reshape(b, t, s, h * d)
         return out if token_mask is None else out * token_mask
@@ -184,7 +202,9 @@ class DualBranchAttention(nn.Module):
         if frame_mask is not None:
             token_valid = frame_mask.astype(jnp.float32)[:, :, None, None, None]
             frames = lambda a: a.reshape(b, t, s, h, d) * token_valid
-        out = frame_gdn_op(self.gdn_impl)(frames(query_u), frames(key_u), frames(value_u), beta, decay).astype(value.dtype)
+        out = frame_gdn_op(self.gdn_impl)(
+            frames(query_u), frames(key_u), frames(value_u), beta, decay, **self.gdn_kwargs(t)
+        ).astype(value.dtype)
         out = ucpe.decode(frames(out).reshape(b, n, h, d), transforms)
         return frames(out).astype(self.dtype)
 
@@ -192,7 +212,8 @@ class DualBranchAttention(nn.Module):
         b, n, h, d = query.shape
         heads_mask = (lambda a: a) if token_mask is None else (lambda a: a * per_token(token_mask, n // self.grid[0]))
         query, key, value = heads_mask(apply_rope(query, rope)), heads_mask(apply_rope(key, rope)), heads_mask(value)
-        out = dot_product_attention(query, key, value, scale=d**-0.5, impl=self.attention_impl)
+        out = dot_product_attention(query, key, value, scale=d**-0.5, impl=self.attention_impl,
+                                    segments=self.softmax_segments(self.grid[0], n // self.grid[0]))
         return out.reshape(b, self.grid[0], -1, h * d)
 
     def camera_softmax(self, query, key, value, transforms, frame_mask):
@@ -208,6 +229,7 @@ class DualBranchAttention(nn.Module):
         out = dot_product_attention(
             cast(query_u), cast(key_u), cast(value_u),
             scale=padded_head_dim(d) ** -0.5, key_mask=key_mask, impl=self.attention_impl,
+            segments=self.softmax_segments(self.grid[0], n // self.grid[0]),
         )
         out = ucpe.decode(out * token_valid[:, :, None, None].astype(out.dtype), transforms)
         return (out * token_valid[:, :, None, None]).astype(self.dtype)

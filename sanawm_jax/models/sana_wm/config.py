@@ -9,8 +9,10 @@ from typing import Any
 
 from sanawm_jax.dtypes import DtypePolicy
 from sanawm_jax.frozen_config import FrozenConfig
+from sanawm_jax.models.sana_wm.chunks import chunk_starts
 
 GDN_IMPLS = ("xla", "pallas")
+MODES = ("bidirectional", "chunk_causal", "streaming")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
@@ -26,6 +28,12 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
         "pallas": the fused kernel in `pallas_kernels.frame_gdn`, Triton on GPU, interpreted on CPU).
       attention_impl: softmax attention ("xla" einsum+softmax, or "cudnn" fused kernel on NVIDIA GPUs).
       remat: rematerialise each block in the backward pass (activation checkpointing).
+    Mode fields (which released checkpoint the weights belong to; one parameter layout for all three):
+      mode: "bidirectional" (every frame sees every frame), "chunk_causal" (the stage-1 teacher: block-causal over
+        chunks of `chunk_frames` latent frames, the first chunk one frame longer) or "streaming" (the few-step
+        student: the chunk-causal model run block by block with carried state).
+      chunk_frames: latent frames per chunk (streaming: per generated block).
+      num_cached_blocks: streaming softmax K/V window, in blocks, besides the sink (the first block).
     """
 
     in_channels: int = 128
@@ -52,6 +60,10 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
     attention_impl: str = "xla"
     remat: bool = False
 
+    mode: str = "bidirectional"
+    chunk_frames: int = 3
+    num_cached_blocks: int = 2
+
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         checks = [
@@ -61,6 +73,9 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
             (self.patch_size[0] == 1, "temporal patch size must be 1"),
             (self.gdn_impl in GDN_IMPLS, f"gdn_impl must be one of {GDN_IMPLS}"),
             (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}"),
+            (self.mode in MODES, f"mode must be one of {MODES}"),
+            (self.chunk_frames >= 1, "chunk_frames must be >= 1"),
+            (self.num_cached_blocks >= 1, "num_cached_blocks must be >= 1"),
         ]
         self.check(checks + self.dtype_checks())
 
@@ -71,6 +86,12 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
     @property
     def mlp_hidden_size(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    def chunk_layout(self, num_frames: int) -> tuple[int, ...] | None:
+        """Chunk start frames of a causal mode (`chunks.chunk_starts`); None for the bidirectional mode."""
+        if self.mode == "bidirectional":
+            return None
+        return chunk_starts(num_frames, self.chunk_frames)
 
     def is_softmax_block(self, index: int) -> bool:
         return self.softmax_every_n > 0 and (index + 1) % self.softmax_every_n == 0

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sanawm_jax.models.sana_wm.chunks import same_chunk_ahead
 from sanawm_jax.ops.attention import dot_product_attention
 from sanawm_jax.ops.norm import rms_normalize
 
@@ -193,10 +194,13 @@ class TemporalShortConv(nn.Module):
     minus one centre tap, i.e. the symmetric (2K-1)-tap filter [w0..w_{K-1}..w0]. (B, T, S, C) -> same.
 
     Parameter `kernel` has the depthwise Conv1D layout (K, 1, C); it is initialised to the identity filter.
+    chunk_starts (chunk-causal mode): the forward run covers all frames, the backward run stays inside each chunk
+    (taps reaching a later chunk read zero).
     """
 
     kernel_size: int
     param_dtype: Dtype = jnp.float32
+    chunk_starts: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -204,7 +208,22 @@ class TemporalShortConv(nn.Module):
         kernel = self.param("kernel", identity_tap_init, (self.kernel_size, 1, channels), self.param_dtype)
         taps = kernel[:, 0, :]
         symmetric = jnp.concatenate([taps, taps[:-1][::-1]], axis=0)
-        return depthwise_conv(x, symmetric[:, None, :])
+        if self.chunk_starts is None:
+            return depthwise_conv(x, symmetric[:, None, :])
+        return self.chunk_causal(x, symmetric.astype(jnp.float32))
+
+    def chunk_causal(self, x, symmetric):
+        """The symmetric filter with every tap on a frame of a later chunk dropped; float32 sums."""
+        t, reach = x.shape[1], self.kernel_size - 1
+        padded = jnp.pad(x, [(0, 0), (reach, reach), (0, 0), (0, 0)]).astype(jnp.float32)
+        total = jnp.zeros(x.shape, jnp.float32)
+        for index in range(2 * reach + 1):
+            term = padded[:, index : index + t] * symmetric[index]
+            offset = index - reach
+            if offset > 0:
+                term = term * same_chunk_ahead(self.chunk_starts, t, offset)[None, :, None, None]
+            total = total + term
+        return total.astype(x.dtype)
 
 
 class DepthwiseConv(nn.Module):
@@ -234,6 +253,7 @@ class GLUMBConvTemp(nn.Module):
     t_kernel_size: int = 3
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    chunk_starts: tuple[int, ...] | None = None
 
     def setup(self):
         doubled = 2 * self.hidden_features
@@ -261,8 +281,26 @@ class GLUMBConvTemp(nn.Module):
         value, gate = jnp.split(y, 2, axis=-1)
         y = self.point_conv(value * nn.silu(gate))
         y = y.reshape(b, t, s, c)
-        return y + self.t_conv(y)
+        temporal = self.t_conv(y)
+        if self.chunk_starts is not None:
+            temporal = temporal - self.taps_across_chunks(y)
+        return y + temporal
 
+    def taps_across_chunks(self, y):
+        """Chunk-causal mode: the part of the temporal conv that reads frames of a later chunk, removed so that a
+        chunk's last frames see zeros on their right (left context still comes from the previous chunk)."""
+        kernel = self.t_conv.variables["params"]["kernel"].astype(self.dtype)  # (K, 1, C, C)
+        t, reach = y.shape[1], self.t_kernel_size // 2
+        total = jnp.zeros_like(y)
+        for offset in range(1, reach + 1):
+            across = 1.0 - same_chunk_ahead(self.chunk_starts, t, offset)
+            across[t - offset :] = 0.0  # beyond the last frame: zero padding in both modes
+            if not across.any():
+                continue
+            ahead = jnp.pad(y[:, offset:], [(0, 0), (0, offset), (0, 0), (0, 0)])
+            ahead = ahead * jnp.asarray(across, y.dtype)[None, :, None, None]
+            total = total + jnp.einsum("btsc,cd->btsd", ahead, kernel[reach + offset, 0])
+        return total
 
 class CrossAttention(nn.Module):
     """Masked multi-head cross-attention from tokens (B, T, S, C) to text (B, L, C), text_mask (B, L) of 0/1."""

@@ -72,6 +72,7 @@ class SanaWMBlock(nn.Module):
             gdn_impl=cfg.gdn_impl,
             dtype=dtype,
             param_dtype=param_dtype,
+            chunk_starts=cfg.chunk_layout(t),
             name="attn",
         )
         attn_in = masked(modulate(layer_norm(x), shift_msa, scale_msa))
@@ -88,7 +89,8 @@ class SanaWMBlock(nn.Module):
                                name="cross_attn")
         x = masked(x + cross(x, text, text_mask))
 
-        mlp = GLUMBConvTemp(c, cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype, name="mlp")
+        mlp = GLUMBConvTemp(c, cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype,
+                            chunk_starts=cfg.chunk_layout(t), name="mlp")
         mlp_in = masked(modulate(layer_norm(x), shift_mlp, scale_mlp))
         return masked(x + masked(gate_mlp * mlp(mlp_in)))
 
