@@ -111,9 +111,12 @@ class Gemma2RMSNorm(nn.Module):
         return (rms_normalize(x, self.eps) * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def rotary_tables(positions, head_dim: int, theta: float):
-    """positions (L,) -> cos, sin (L, head_dim) in float32, frequencies repeated over the two halves."""
+def rotary_tables(positions, head_dim: int, theta: float, scaling: float = 1.0):
+    """positions (L,) -> cos, sin (L, head_dim) in float32, frequencies repeated over the two halves; `scaling` > 1
+    divides the frequencies (Hugging Face's "linear" RoPE scaling)."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling != 1.0:
+        inv_freq = inv_freq / scaling
     angles = positions.astype(jnp.float32)[:, None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -140,9 +143,14 @@ def visibility_mask(key_valid, sliding_window: int | None):
 
 
 class Gemma2Attention(nn.Module):
-    """Causal grouped-query self-attention with RoPE and tanh soft-capped logits: (B, L, C) -> (B, L, C)."""
+    """Causal grouped-query self-attention with RoPE and tanh soft-capped logits: (B, L, C) -> (B, L, C).
 
-    config: Gemma2Config
+    qk_norm: Gemma-3's per-head RMSNorms (`q_norm`, `k_norm`, scaling by 1 + weight) on queries and keys before RoPE.
+    The config needs the fields of `Gemma2Config` used here (Gemma-3's config has them).
+    """
+
+    config: Any
+    qk_norm: bool = False
 
     @nn.compact
     def __call__(self, x, mask, cos, sin):
@@ -158,6 +166,9 @@ class Gemma2Attention(nn.Module):
         query = project(heads * d, "q_proj")(x).reshape(b, length, heads, d)
         key = project(kv_heads * d, "k_proj")(x).reshape(b, length, kv_heads, d)
         value = project(kv_heads * d, "v_proj")(x).reshape(b, length, kv_heads, d)
+        if self.qk_norm:
+            query = Gemma2RMSNorm(cfg.rms_norm_eps, cfg.parameter_dtype, name="q_norm")(query)
+            key = Gemma2RMSNorm(cfg.rms_norm_eps, cfg.parameter_dtype, name="k_norm")(key)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
 
         query = query.reshape(b, length, kv_heads, heads // kv_heads, d)
@@ -175,7 +186,7 @@ class Gemma2Attention(nn.Module):
 class Gemma2MLP(nn.Module):
     """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), (B, L, C) -> (B, L, C)."""
 
-    config: Gemma2Config
+    config: Any
 
     @nn.compact
     def __call__(self, x):
@@ -194,7 +205,8 @@ class Gemma2MLP(nn.Module):
 class Gemma2DecoderLayer(nn.Module):
     """x + post_norm(attn(pre_norm(x))), then the same sandwich around the MLP: (B, L, C) -> (B, L, C)."""
 
-    config: Gemma2Config
+    config: Any
+    qk_norm: bool = False
 
     @nn.compact
     def __call__(self, x, mask, cos, sin):
@@ -203,10 +215,18 @@ class Gemma2DecoderLayer(nn.Module):
         def norm(name):
             return Gemma2RMSNorm(cfg.rms_norm_eps, cfg.parameter_dtype, name=name)
 
-        attended = Gemma2Attention(cfg, name="self_attn")(norm("input_layernorm")(x), mask, cos, sin)
+        attended = Gemma2Attention(cfg, self.qk_norm, name="self_attn")(norm("input_layernorm")(x), mask, cos, sin)
         x = x + norm("post_attention_layernorm")(attended)
         transformed = Gemma2MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
         return x + norm("post_feedforward_layernorm")(transformed)
+
+
+def scaled_embeddings(cfg, input_ids):
+    """Token embeddings (module `embed_tokens`, called inside a compact method) times sqrt(hidden_size) rounded to
+    the parameter dtype first, as in Hugging Face: (B, L) -> (B, L, hidden_size) in the compute dtype."""
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.parameter_dtype, param_dtype=cfg.parameter_dtype,
+                     name="embed_tokens")
+    return (embed(input_ids) * jnp.asarray(cfg.hidden_size**0.5, cfg.parameter_dtype)).astype(cfg.compute_dtype)
 
 
 class Gemma2Model(nn.Module):
@@ -223,12 +243,7 @@ class Gemma2Model(nn.Module):
                 f"input_ids must be (B, L) and attention_mask the same shape; got {input_ids.shape} and "
                 f"{attention_mask.shape}"
             )
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.parameter_dtype, param_dtype=cfg.parameter_dtype,
-            name="embed_tokens",
-        )
-        # The scale is rounded to the parameter dtype before multiplying, as in Hugging Face.
-        x = (embed(input_ids) * jnp.asarray(cfg.hidden_size**0.5, cfg.parameter_dtype)).astype(cfg.compute_dtype)
+        x = scaled_embeddings(cfg, input_ids)
 
         cos, sin = rotary_tables(jnp.arange(input_ids.shape[1]), cfg.head_dim, cfg.rope_theta)
         key_valid = attention_mask.astype(bool)

@@ -6,7 +6,8 @@ from sanawm_jax.models.refiner.config import (
     ConnectorsConfig,
     RefinerConfig,
 )
+from sanawm_jax.models.refiner.connectors import TextConnectors, normalize_text_states
 from sanawm_jax.models.refiner.transformer import KVPrefix, RefinerTransformer
 
 __all__ = ["CONNECTOR_PRESETS", "REFINER_PRESETS", "ConnectorsConfig", "KVPrefix", "RefinerConfig",
-           "RefinerTransformer"]
+           "RefinerTransformer", "TextConnectors", "normalize_text_states"]

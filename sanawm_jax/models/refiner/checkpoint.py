@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from sanawm_jax.checkpoint.keymap import convert_tensors, flatten, torch_name, torch_shape
 from sanawm_jax.checkpoint.torch_sources import open_diffusers_folder
 from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
+from sanawm_jax.models.refiner.connectors import TextConnectors
 from sanawm_jax.models.refiner.rope import rope_tables, video_fractions
 from sanawm_jax.models.refiner.transformer import RefinerTransformer
 
@@ -67,3 +68,30 @@ def load_refiner(folder, *, param_dtype: str = "float32", dtype: str = "float32"
     source = open_diffusers_folder(Path(folder))
     config = RefinerConfig.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=dtype)
     return config, convert_refiner(source, config, log)
+
+
+def abstract_connector_params(config: ConnectorsConfig) -> dict:
+    """Parameter tree of `TextConnectors(config)` as ShapeDtypeStructs (nothing allocated)."""
+    length = config.video_connector_num_learnable_registers or 1
+    states = jax.ShapeDtypeStruct((1, length, config.caption_channels * config.text_proj_in_factor), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    return jax.eval_shape(lambda *a: TextConnectors(config).init(jax.random.key(0), *a), states, mask)["params"]
+
+
+def connector_key_table(config: ConnectorsConfig) -> dict[str, tuple[int, ...]]:
+    """{diffusers key: diffusers shape} of every connectors tensor the refiner reads."""
+    return {diffusers_key(path): torch_shape(leaf.shape, path[-1])
+            for path, leaf in flatten(abstract_connector_params(config)).items()}
+
+
+def convert_connectors(source, config: ConnectorsConfig, log=print) -> dict:
+    """A `TensorSource` of `LTX2TextConnectors` -> params tree of numpy arrays (strict; audio connector skipped)."""
+    expected = flatten(abstract_connector_params(config))
+    return convert_tensors(source, expected, diffusers_key, "the connectors config", is_audio_key, log)
+
+
+def load_connectors(folder, *, param_dtype: str = "float32", dtype: str = "float32", log=print):
+    """A diffusers `LTX2TextConnectors` folder -> (ConnectorsConfig, params)."""
+    source = open_diffusers_folder(Path(folder))
+    config = ConnectorsConfig.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=dtype)
+    return config, convert_connectors(source, config, log)
