@@ -1,0 +1,105 @@
+"""The whole refinement stage equals diffusers' `SanaWMLTX2Refiner` (prompt -> Gemma-3 -> connectors, sink capture,
+re-noised blocks, 3 Euler steps each, post-RoPE history capture and its trimming) with converted random weights of
+tiny models and the pipeline's own noise draws.
+
+The oracle's models run in float64 but its Euler arithmetic in float32; ours in float32 end to end, so relative L2
+<= 1e-4 (the issue's bound) covers float32 round-off through 1 + 3 x 4 forwards of 2 blocks each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
+from sanawm_jax.demo import byte_tokenizer
+from sanawm_jax.models.gemma.checkpoint import convert_gemma3_params
+from sanawm_jax.models.gemma.gemma3 import Gemma3Config
+from sanawm_jax.models.refiner.checkpoint import convert_connectors, convert_refiner
+from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
+from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
+from sanawm_jax.models.refiner.sampler import block_bounds, refine
+from sanawm_jax.models.refiner.transformer import RefinerTransformer
+from tests.conftest import randomize_
+from tests.test_refiner_transformer import build_oracle, relative_l2
+
+TOL = 1e-4
+FPS = 16.0
+TEXT_LENGTH = 8
+PROMPT = "  a cat "
+GEMMA3 = dict(hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              head_dim=6, sliding_window=3, query_pre_attn_scalar=6, sliding_window_pattern=2)
+CONNECTORS = dict(caption_channels=12, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+                  video_connector_attention_head_dim=6, video_connector_num_layers=1,
+                  video_connector_num_learnable_registers=4, audio_connector_num_attention_heads=2,
+                  audio_connector_attention_head_dim=6, audio_connector_num_layers=1,
+                  audio_connector_num_learnable_registers=4, connector_rope_base_seq_len=16)
+
+
+def state_source(module, name):
+    return TorchStateDictSource({k: v.float() for k, v in module.state_dict().items()}, name)
+
+
+@pytest.fixture(scope="module")
+def refiner_oracle():
+    """diffusers' refiner pipeline over tiny random float64 models, and our converted counterparts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.sana_wm.refiner import SanaWMLTX2Refiner
+    from transformers import Gemma3Config as HFGemma3Config
+    from transformers import Gemma3ForConditionalGeneration
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    hf = HFGemma3Config(text_config={**GEMMA3, "vocab_size": len(tokenizer)}, vision_config=dict(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14), mm_tokens_per_image=4)
+    text_encoder = randomize_(Gemma3ForConditionalGeneration(hf).eval(), seed=6).double()
+    connectors = randomize_(LTX2TextConnectors(**CONNECTORS).eval(), seed=7).double()
+    transformer, transformer_config = build_oracle()
+    pipe = SanaWMLTX2Refiner(transformer=transformer, connectors=connectors, tokenizer=tokenizer,
+                             text_encoder=text_encoder, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                             text_max_sequence_length=TEXT_LENGTH)
+    pipe.set_progress_bar_config(disable=True)
+
+    gemma_config = Gemma3Config.from_hf_config(hf.to_dict())
+    connectors_config = ConnectorsConfig.from_diffusers_config(CONNECTORS)
+    quiet = lambda *_: None
+    encoder = RefinerTextEncoder(tokenizer, gemma_config,
+                                 convert_gemma3_params(state_source(text_encoder, "gemma3"), gemma_config, quiet),
+                                 connectors_config, convert_connectors(state_source(connectors, "connectors"),
+                                                                       connectors_config, quiet),
+                                 max_sequence_length=TEXT_LENGTH)
+    config = RefinerConfig.from_diffusers_config(transformer_config)
+    params = convert_refiner(state_source(transformer, "refiner"), config, quiet)
+    return pipe, encoder, RefinerTransformer(config), params
+
+
+def pipeline_noise(shape, bounds, seed):
+    """The pipeline's per-block draws from a generator seeded `seed`, placed at their frames (B, C, F, H, W)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = np.zeros(shape)
+    for start, end in bounds:
+        block = (shape[0], shape[1], end - start, *shape[3:])
+        noise[:, :, start:end] = torch.randn(block, generator=generator, dtype=torch.float64).numpy()
+    return noise
+
+
+@pytest.mark.parametrize("num_frames,kv_max_frames", [(9, 5), pytest.param(6, 11, marks=pytest.mark.slow)])
+def test_refinement_matches_diffusers_pipeline(refiner_oracle, num_frames, kv_max_frames):
+    pipe, encoder, model, params = refiner_oracle
+    rng = np.random.default_rng(num_frames)
+    shape = (1, model.config.in_channels, num_frames, 2, 3)
+    stage1 = rng.standard_normal(shape)
+    with torch.no_grad():
+        expected = pipe(torch.from_numpy(stage1), PROMPT, fps=FPS, generator=torch.Generator().manual_seed(11),
+                        kv_max_frames=kv_max_frames, output_type="latent").numpy()
+    noise = pipeline_noise(shape, block_bounds(num_frames, 1, 3), seed=11)
+    channels_last = lambda a: np.moveaxis(a, 1, -1).astype(np.float32)
+    text, mask = encoder.encode(PROMPT)
+    ours = refine(model, params, channels_last(stage1), text, mask, channels_last(noise), fps=FPS,
+                  kv_max_frames=kv_max_frames)
+    ours = np.moveaxis(np.asarray(ours), -1, 1)
+    np.testing.assert_array_equal(ours[:, :, :1], stage1[:, :, :1].astype(np.float32))
+    assert relative_l2(ours[:, :, 1:], expected[:, :, 1:]) <= TOL
