@@ -1,4 +1,5 @@
-"""Video files: decode a window of frames and count the rest, encode frames to mp4 (ffmpeg via imageio-ffmpeg)."""
+"""Video files: decode a window of frames and count the rest, encode frames to mp4 at once or progressively (ffmpeg
+via imageio-ffmpeg)."""
 
 from __future__ import annotations
 
@@ -39,30 +40,78 @@ def read_video_window(path: str | Path, start: int, count: int) -> tuple[np.ndar
     return frames, total, (height, width)
 
 
-def write_video(
-    path: str | Path, frames: np.ndarray, fps: float = DEFAULT_FPS, crf: int = 10, pix_fmt: str = "yuv420p"
-) -> None:
-    """Encode frames (F, H, W, 3) uint8 to an H.264 mp4; identical inputs give identical files.
+class VideoWriter:
+    """Progressive H.264 mp4 encoding: frames are handed to ffmpeg as they are appended, so a long video is never
+    held in memory. The frame size is fixed by the first `append`. `fragmented` writes a fragmented mp4 (each
+    keyframe starts a fragment), which players can open while it is still being written; otherwise the index is
+    written when the file is closed. Identical inputs give identical files.
+
+        with VideoWriter("out.mp4") as writer:
+            for block in blocks:          # (n, H, W, 3) uint8 each
+                writer.append(block)
 
     `crf` is the x264 constant-rate factor (0 = lossless in YUV); "yuv444p" keeps full colour resolution.
     """
+
+    def __init__(self, path: str | Path, fps: float = DEFAULT_FPS, crf: int = 10, pix_fmt: str = "yuv420p",
+                 fragmented: bool = False):
+        self.path, self.fps, self.crf, self.pix_fmt, self.fragmented = Path(path), fps, crf, pix_fmt, fragmented
+        self.size: tuple[int, int] | None = None  # (H, W) once the first frames arrived
+        self.num_frames = 0
+        self._writer = None
+
+    def append(self, frames: np.ndarray) -> None:
+        """Encode frames (n, H, W, 3) uint8 (n may be 0)."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be an (n, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}")
+        if self._writer is None:
+            self._open(frames.shape[1:3])
+        if frames.shape[1:3] != self.size:
+            raise ValueError(f"frames of size {frames.shape[1:3]} appended to a video of size {self.size}")
+        for frame in frames:
+            self._writer.send(np.ascontiguousarray(frame))
+        self.num_frames += len(frames)
+
+    def _open(self, size: tuple[int, int]) -> None:
+        height, width = size
+        if self.pix_fmt == "yuv420p" and (height % 2 or width % 2):
+            raise ValueError(f"yuv420p needs even frame sizes, got {height}x{width}")
+        output_params = ["-crf", str(self.crf), "-fflags", "+bitexact", "-map_metadata", "-1"]
+        if self.fragmented:
+            output_params += ["-movflags", "frag_keyframe+empty_moov+default_base_moof"]
+        self._writer = imageio_ffmpeg.write_frames(
+            str(self.path),
+            (width, height),
+            fps=self.fps,
+            codec="libx264",
+            pix_fmt_out=self.pix_fmt,
+            macro_block_size=1,
+            output_params=output_params,
+            ffmpeg_log_level="error",
+        )
+        self._writer.send(None)
+        self.size = size
+
+    def close(self) -> None:
+        """Finish the file (a writer that received no frames writes nothing)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_video(
+    path: str | Path, frames: np.ndarray, fps: float = DEFAULT_FPS, crf: int = 10, pix_fmt: str = "yuv420p"
+) -> None:
+    """Encode frames (F, H, W, 3) uint8 to an H.264 mp4 in one go (see `VideoWriter`)."""
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+    if len(frames) == 0:
         raise ValueError(f"frames must be a non-empty (F, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}")
-    height, width = frames.shape[1:3]
-    if pix_fmt == "yuv420p" and (height % 2 or width % 2):
-        raise ValueError(f"yuv420p needs even frame sizes, got {height}x{width}")
-    writer = imageio_ffmpeg.write_frames(
-        str(path),
-        (width, height),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_out=pix_fmt,
-        macro_block_size=1,
-        output_params=["-crf", str(crf), "-fflags", "+bitexact", "-map_metadata", "-1"],
-        ffmpeg_log_level="error",
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with VideoWriter(path, fps, crf, pix_fmt) as writer:
+        writer.append(frames)

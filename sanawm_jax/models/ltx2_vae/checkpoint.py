@@ -17,6 +17,9 @@ from sanawm_jax.models.ltx2_vae.config import VAEConfig
 from sanawm_jax.models.ltx2_vae.model import abstract_vae_params
 
 DIFFUSERS_CLASS = "AutoencoderKLLTX2Video"
+# NVlabs/Sana's causal LTX-2 VAE (the streaming release's `ltx2_causal_vae/`): the same modules and tensor names, a
+# causal decoder by default, and the decoder's upsampler kinds under `decoder_upsample_type`.
+CAUSAL_CLASS = "AutoencoderKLCausalLTX2Video"
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -31,7 +34,8 @@ def convert_vae_state_dict(source: TensorSource, config: VAEConfig) -> dict:
 
 
 def convert_vae(src: str | Path, **policy) -> tuple[VAEConfig, dict]:
-    """Read a diffusers VAE folder, or a pipeline root holding one in `vae/`, into (VAEConfig, params).
+    """Read a diffusers VAE folder (`AutoencoderKLLTX2Video`, or NVlabs' `AutoencoderKLCausalLTX2Video` such as the
+    streaming release's `ltx2_causal_vae/`), or a pipeline root holding one in `vae/`, into (VAEConfig, params).
 
     `policy` overrides numerics fields of the config, e.g. `dtype="bfloat16"`.
     """
@@ -41,7 +45,12 @@ def convert_vae(src: str | Path, **policy) -> tuple[VAEConfig, dict]:
     if source.config is None:
         raise ValueError(f"{source.description}: a diffusers VAE folder with config.json is required")
     class_name = source.config.get("_class_name", DIFFUSERS_CLASS)
-    if class_name != DIFFUSERS_CLASS:
-        raise ValueError(f"{source.description}: config.json describes a {class_name}, not a {DIFFUSERS_CLASS}")
-    config = VAEConfig.from_diffusers_config(source.config).replace(**policy)
+    if class_name not in (DIFFUSERS_CLASS, CAUSAL_CLASS):
+        raise ValueError(f"{source.description}: config.json describes a {class_name}, not a {DIFFUSERS_CLASS} "
+                         f"or {CAUSAL_CLASS}")
+    fields = dict(source.config)
+    upsample_type = fields.pop("decoder_upsample_type", None)
+    if upsample_type is not None:
+        fields["upsample_type"] = upsample_type
+    config = VAEConfig.from_diffusers_config(fields).replace(**policy)
     return config, convert_vae_state_dict(source, config)

@@ -5,6 +5,10 @@ inverts that. Every convolution is 3x3x3; time is padded by repeating edge frame
 front; non-causal: one copy at each end), space by the configured padding mode. Norms are parameter-free per-position
 RMS norms over channels. Module and parameter names follow diffusers' `AutoencoderKLLTX2Video`, with `name.N`
 spelled `name_N`, so a diffusers state dict converts by a fixed rule (see `sanawm_jax.models.ltx2_vae.checkpoint`).
+
+A causal decoder also decodes chunk by chunk (`VideoDecoder.chunk`): each temporal convolution keeps the last two frames
+it saw in the "cache" collection and puts them in front of the next chunk, so the chunks together equal the whole-clip
+decode (see `sanawm_jax.models.ltx2_vae.causal`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from sanawm_jax.models.ltx2_vae.config import PADDING_MODES, SCALING_STRIDES, VA
 from sanawm_jax.ops.norm import rms_normalize
 
 Dtype = Any
+CACHE = "cache"  # variable collection of a chunked decode: per temporal conv, "frames" (B, 2, h, w, C) it saw last
+CHUNKS = (None, "first", "next")  # whole clip; first chunk of a chunked decode; any later chunk
 
 
 def rms_norm(x, eps: float = 1e-8):
@@ -67,13 +73,19 @@ def unpatchify(x, patch_size: int):
 @dataclasses.dataclass(frozen=True)
 class ConvSettings:
     """What every layer of one half (encoder or decoder) shares: temporal causality, spatial padding mode, the
-    LayerNorm eps of channel-changing shortcuts, compute and parameter dtypes."""
+    LayerNorm eps of channel-changing shortcuts, compute and parameter dtypes, and which part of a chunked decode runs
+    (`chunk`, one of `CHUNKS`; only with causal padding)."""
 
     causal: bool
     padding_mode: str
     eps: float
     dtype: Dtype
     param_dtype: Dtype
+    chunk: str | None = None
+
+    def __post_init__(self):
+        if self.chunk not in CHUNKS or (self.chunk is not None and not self.causal):
+            raise ValueError(f"chunked decoding needs causal padding and chunk in {CHUNKS}, got {self.chunk!r}")
 
     @classmethod
     def for_encoder(cls, config: VAEConfig) -> "ConvSettings":
@@ -81,13 +93,16 @@ class ConvSettings:
                    config.compute_dtype, config.parameter_dtype)
 
     @classmethod
-    def for_decoder(cls, config: VAEConfig) -> "ConvSettings":
+    def for_decoder(cls, config: VAEConfig, chunk: str | None = None) -> "ConvSettings":
         return cls(config.decoder_causal, config.decoder_spatial_padding_mode, config.resnet_norm_eps,
-                   config.compute_dtype, config.parameter_dtype)
+                   config.compute_dtype, config.parameter_dtype, chunk)
 
 
 class CausalConv3d(nn.Module):
-    """3x3x3 convolution with edge-frame temporal padding (causal or centred) and the configured spatial padding."""
+    """3x3x3 convolution with edge-frame temporal padding (causal or centred) and the configured spatial padding.
+
+    In a chunked decode the two frames in front of a chunk are the last two (padded) input frames of the previous
+    chunk, read from and written to the "cache" collection; the first chunk is padded as a whole clip is."""
 
     features: int
     settings: ConvSettings
@@ -95,8 +110,13 @@ class CausalConv3d(nn.Module):
     @nn.compact
     def __call__(self, x):
         s = self.settings
-        time_pad = (2, 0) if s.causal else (1, 1)
-        x = jnp.pad(x, ((0, 0), time_pad, (0, 0), (0, 0), (0, 0)), mode="edge")
+        if s.chunk == "next":
+            x = jnp.concatenate([self.get_variable(CACHE, "frames").astype(x.dtype), x], axis=1)
+        else:
+            time_pad = (2, 0) if s.causal else (1, 1)
+            x = jnp.pad(x, ((0, 0), time_pad, (0, 0), (0, 0), (0, 0)), mode="edge")
+        if s.chunk is not None:
+            self.put_variable(CACHE, "frames", x[:, -2:])
         x = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), mode=PADDING_MODES[s.padding_mode])
         return nn.Conv(self.features, (3, 3, 3), padding="VALID", dtype=s.dtype, param_dtype=s.param_dtype,
                        name="conv")(x)
@@ -146,7 +166,8 @@ class Downsampler(nn.Module):
 
 class Upsampler(nn.Module):
     """Stride-(st, sh, sw) upsampling to C/upscale_factor channels: depth-to-space of a conv, optionally plus a
-    depth-to-space residual tiled over channels; the first `st - 1` frames are dropped (T -> st*T - st + 1)."""
+    depth-to-space residual tiled over channels; the first `st - 1` frames are dropped (T -> st*T - st + 1), except in
+    the later chunks of a chunked decode (T -> st*T), which continue the clip."""
 
     stride: tuple[int, int, int]
     residual: bool
@@ -156,7 +177,7 @@ class Upsampler(nn.Module):
     @nn.compact
     def __call__(self, x):
         factor = math.prod(self.stride)
-        drop = self.stride[0] - 1
+        drop = 0 if self.settings.chunk == "next" else self.stride[0] - 1
         conv = CausalConv3d(x.shape[-1] * factor // self.upscale_factor, self.settings, name="conv")
         h = depth_to_space(conv(x), self.stride)[:, drop:]
         if self.residual:
@@ -237,14 +258,18 @@ class VideoEncoder(nn.Module):
 
 
 class VideoDecoder(nn.Module):
-    """Latents (B, T, h, w, latent_channels), not normalised -> pixels (B, 1 + 8(T-1), 32h, 32w, out_channels)."""
+    """Latents (B, T, h, w, latent_channels), not normalised -> pixels (B, 1 + 8(T-1), 32h, 32w, out_channels).
+
+    chunk: None decodes a whole clip. "first" / "next" decode the first / a later chunk of a clip with a causal
+    decoder (apply with the "cache" collection mutable; a later chunk yields 8T pixel frames)."""
 
     config: VAEConfig
+    chunk: str | None = None
 
     @nn.compact
     def __call__(self, latents):
         cfg = self.config
-        settings = ConvSettings.for_decoder(cfg)
+        settings = ConvSettings.for_decoder(cfg, self.chunk)
         widths = cfg.decoder_block_out_channels[::-1]
         layers = cfg.decoder_layers_per_block[::-1]
         upsample = cfg.decoder_spatio_temporal_scaling[::-1]
@@ -265,15 +290,16 @@ class VideoAutoencoder(nn.Module):
     """Encoder, decoder and the per-channel latent statistics `latents_mean` / `latents_std` (float32).
 
     `encode` returns normalised latents (mode - mean) * scaling_factor / std; `decode` inverts the normalisation
-    before decoding. Both return float32.
+    before decoding. Both return float32. `chunk` selects a chunked decode (see `VideoDecoder`).
     """
 
     config: VAEConfig
+    chunk: str | None = None
 
     def setup(self):
         channels = self.config.latent_channels
         self.encoder = VideoEncoder(self.config)
-        self.decoder = VideoDecoder(self.config)
+        self.decoder = VideoDecoder(self.config, self.chunk)
         self.latents_mean = self.param("latents_mean", nn.initializers.zeros, (channels,), jnp.float32)
         self.latents_std = self.param("latents_std", nn.initializers.ones, (channels,), jnp.float32)
 
