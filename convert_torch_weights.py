@@ -1,7 +1,7 @@
 """Convert released PyTorch SANA-WM weights into a sanawm-jax checkpoint directory.
 
     python convert_torch_weights.py SRC OUT_DIR [--config PRESET|config.json] [--vae DIR] [--text-encoder DIR]
-                                                [--tokenizer DIR] [--debug]
+                                                [--tokenizer DIR] [--refiner DIR] [--debug]
 
 SRC is the bidirectional DiT: a diffusers pipeline root (its transformer/, vae/, text_encoder/ and tokenizer/ are all
 converted), a diffusers transformer folder, the NVlabs release folder (its dit/sana_wm_1600m_720p.safetensors and vae/)
@@ -9,7 +9,10 @@ or that flat .safetensors alone, or a torch pickle ({"state_dict"|"model"|"gener
 prefix). Released checkpoints of other kinds (chunk-causal or streaming DiT, refiner) are refused by name.
 --vae takes a diffusers AutoencoderKLLTX2Video folder, --text-encoder a Hugging Face Gemma-2 folder (tokenizer files
 in it or in --tokenizer). OUT_DIR gets transformer/ (with the null caption embedding of an NVlabs file), vae/ and
-text_encoder/; it is written only when every component converted. Bad input is one `error:` line and exit code 2.
+text_encoder/; it is written only when every component converted.
+--refiner takes a released stage-2 refiner (SANA-WM_bidirectional/ with refiner/{transformer,connectors,text_encoder}/
+or SANA-WM_streaming/ with refiner_diffusers/{transformer,connectors}/ + gemma3_12b/, or the refiner folder itself);
+it is converted shard by shard in bfloat16 into OUT_DIR/refiner/. Bad input is one `error:` line and exit code 2.
 """
 
 from sanawm_jax import cli
@@ -25,10 +28,11 @@ def main(argv=None):
     parser.add_argument("--vae", help="diffusers LTX-2 VAE folder")
     parser.add_argument("--text-encoder", help="Hugging Face Gemma-2 folder")
     parser.add_argument("--tokenizer", help="folder with the Gemma tokenizer files (default: the text encoder's)")
+    parser.add_argument("--refiner", help="released stage-2 refiner (release root or its refiner folder)")
     args = parser.parse_args(argv)
     config = get_config(args.config) if args.config else None
     return convert_pipeline(args.src, args.out_dir, config, vae=args.vae, text_encoder=args.text_encoder,
-                            tokenizer=args.tokenizer)
+                            tokenizer=args.tokenizer, refiner=args.refiner)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from pathlib import Path
 from sanawm_jax.checkpoint import store
 from sanawm_jax.checkpoint.torch_sources import open_torch_checkpoint
 from sanawm_jax.models.gemma.checkpoint import abstract_gemma2_params, load_gemma2
-from sanawm_jax.models.gemma.encoder import TextEncoder, load_tokenizer
+from sanawm_jax.models.gemma.encoder import TOKENIZER_FILE_PATTERNS, TextEncoder, load_tokenizer
 from sanawm_jax.models.gemma.gemma2 import Gemma2Config
 from sanawm_jax.models.ltx2_vae import VAEConfig, abstract_vae_params, convert_vae
+from sanawm_jax.models.refiner.release import find_refiner_folders, write_refiner
 from sanawm_jax.models.sana_wm.checkpoint import (
     NULL_CAPTION_FILE,
     NULL_CAPTION_KEY,
@@ -26,11 +27,11 @@ from sanawm_jax.models.sana_wm.checkpoint import (
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
 
 VAE_DIR = "vae"
+REFINER_DIR = "refiner"
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 NVLABS_DIT_DIR = "dit"  # NVlabs release folders: dit/<name>.safetensors, vae/, refiner/, config.yaml
 NVLABS_STREAMING_DIT = "sana_dit/model.pt"  # the streaming release folder's DiT
-TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json")
 
 
 __all__ = ["convert_pipeline", "load_text_encoder", "load_transformer", "load_vae"]
@@ -59,7 +60,7 @@ def _given(folder, what: str) -> Path:
 
 
 def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=None, text_encoder=None,
-                     tokenizer=None, log=print) -> Path:
+                     tokenizer=None, refiner=None, log=print) -> Path:
     """Convert a released SANA-WM pipeline into `out_dir/{transformer,vae,text_encoder}`.
 
     src: the bidirectional DiT (a diffusers pipeline root or transformer folder, an NVlabs release folder or its
@@ -67,7 +68,9 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     refiner) are refused by name.
     vae / text_encoder / tokenizer: folders of the other components; by default the `vae/`, `text_encoder/` and
     `tokenizer/` subfolders of a pipeline or release root `src`, when present. Components that are not found are
-    skipped (and said so); the DiT is always converted. The DiT config comes from `config`, else from the source's
+    skipped (and said so); the DiT is always converted.
+    refiner: a released stage-2 refiner (either release layout, see `models.refiner.release`), written to
+    `out_dir/refiner/` shard by shard in bfloat16. The DiT config comes from `config`, else from the source's
     config.json. Everything is written into a temporary sibling of `out_dir` that becomes `out_dir` only when all
     succeeded.
     """
@@ -84,6 +87,8 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     tokenizer = _given(tokenizer, "tokenizer") if tokenizer else _present(root and root / TOKENIZER_DIR) or text_encoder
     if text_encoder is not None:
         load_tokenizer(tokenizer)  # an unusable tokenizer fails before anything is converted
+    if refiner is not None:
+        find_refiner_folders(refiner)  # so does a folder that is not a refiner release
     with store.staged_directory(out_dir) as staging:
         log(f"transformer: converting {source.description} ({len(source.keys())} tensors, "
             f"{detect_layout(source.keys())} layout)")
@@ -110,6 +115,8 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
                 for path in tokenizer.glob(pattern):
                     shutil.copy2(path, target / path.name)
             log(f"text encoder: converted {text_encoder} (tokenizer from {tokenizer})")
+        if refiner is not None:
+            write_refiner(refiner, staging / REFINER_DIR, log=log)
     out_dir = Path(out_dir).absolute()
     log(f"wrote {out_dir}")
     return out_dir

@@ -101,14 +101,14 @@ def raise_on_mismatch(source: str, target: str, missing, extra, mismatched):
     raise ConversionError("\n".join(lines))
 
 
-def convert_tensors(source, expected: dict, to_key: Callable[[tuple[str, ...]], str], target: str,
-                    is_unused: Callable[[str], bool] = lambda key: False, log=print) -> dict:
-    """Read the tensors of a `TensorSource` into the parameter slots `expected` ({path: ShapeDtypeStruct}).
+def plan_conversion(source, expected: dict, to_key: Callable[[tuple[str, ...]], str], target: str,
+                    is_unused: Callable[[str], bool] = lambda key: False, log=print) -> dict[str, tuple[str, ...]]:
+    """Check a `TensorSource` against the parameter slots `expected` ({path: ShapeDtypeStruct}) from its headers
+    alone -> {source key: slot path}.
 
     `to_key(path)` names the source key a slot is read from; source keys that are no slot's must satisfy `is_unused`
-    (they are skipped and listed in one log line). Names and shapes are all checked first: any missing, unexpected or
-    mis-shaped key raises one ConversionError. Tensors are then read one at a time, laid out for Flax
-    (`to_flax_layout`) and cast to the slot's dtype. Returns the nested params tree of numpy arrays.
+    (they are skipped and listed in one log line). Any missing, unexpected or mis-shaped key raises one
+    ConversionError naming all of them.
     """
     wanted = {to_key(path): path for path in expected}
     present = set(source.keys())
@@ -128,7 +128,28 @@ def convert_tensors(source, expected: dict, to_key: Callable[[tuple[str, ...]], 
     raise_on_mismatch(f"checkpoint {getattr(source, 'description', source)}", target, missing, extra, mismatched)
     if unused:
         log(f"not converted ({len(unused)} tensor(s) the model does not use): {summarize_keys(unused)}")
-    params = {}
-    for key, path in wanted.items():
-        params[path] = np.ascontiguousarray(to_flax_layout(source.load(key), path[-1]), dtype=expected[path].dtype)
-    return unflatten(params)
+    return wanted
+
+
+def convert_tensors(source, expected: dict, to_key: Callable[[tuple[str, ...]], str], target: str,
+                    is_unused: Callable[[str], bool] = lambda key: False, log=print) -> dict:
+    """`plan_conversion`, then every tensor read one at a time into the nested params tree of numpy arrays."""
+    wanted = plan_conversion(source, expected, to_key, target, is_unused, log)
+    return unflatten({path: _read(source, key, path, expected[path]) for key, path in wanted.items()})
+
+
+def convert_tensor_groups(source, expected: dict, to_key: Callable[[tuple[str, ...]], str], target: str,
+                          is_unused: Callable[[str], bool] = lambda key: False, log=print):
+    """`plan_conversion`, then yield one flat {path: numpy array} per source file (`source.location`), so no more
+    than one shard's tensors are held at a time."""
+    wanted = plan_conversion(source, expected, to_key, target, is_unused, log)
+    groups = collections.defaultdict(list)
+    for key in sorted(wanted):
+        groups[source.location(key)].append(key)
+    for location in sorted(groups):
+        yield {wanted[key]: _read(source, key, wanted[key], expected[wanted[key]]) for key in groups[location]}
+
+
+def _read(source, key: str, path: tuple[str, ...], slot) -> np.ndarray:
+    """One source tensor laid out for Flax (`to_flax_layout`) and cast to its slot's dtype."""
+    return np.ascontiguousarray(to_flax_layout(source.load(key), path[-1]), dtype=slot.dtype)

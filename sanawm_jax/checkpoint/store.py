@@ -1,6 +1,7 @@
 """Our checkpoint format.
 
-A model directory holds `config.json` (its config dataclass as JSON) and `params/` (an orbax PyTree checkpoint).
+A model directory holds `config.json` (its config dataclass as JSON) and `params/` (an orbax PyTree checkpoint, or
+for models converted shard by shard, `params/part-NNNNN/` orbax checkpoints of disjoint parts of the tree).
 A full SANA-WM checkpoint, as written by `convert_torch_weights.py`, is a directory with one model directory per
 component: `transformer/`, `vae/` and `text_encoder/` (the last also holds the tokenizer files).
 """
@@ -17,8 +18,11 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from sanawm_jax.checkpoint.keymap import flatten, unflatten
+
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+PART_PREFIX = "part-"
 
 
 def save_params(out_dir, params, config: dict) -> Path:
@@ -30,6 +34,21 @@ def save_params(out_dir, params, config: dict) -> Path:
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / PARAMS_DIR, params)
+    return out_dir
+
+
+def save_params_in_parts(out_dir, parts, config: dict) -> Path:
+    """Like `save_params`, from an iterable of flat {path tuple: array} parts written one at a time (the caller's
+    memory holds one part)."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / PARAMS_DIR).exists():
+        raise FileExistsError(f"{out_dir / PARAMS_DIR} already exists; choose an empty output directory")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    with ocp.StandardCheckpointer() as checkpointer:
+        for index, part in enumerate(parts):
+            checkpointer.save(out_dir / PARAMS_DIR / f"{PART_PREFIX}{index:05d}", unflatten(part))
+            checkpointer.wait_until_finished()
     return out_dir
 
 
@@ -54,17 +73,36 @@ def restore_params(model_dir, abstract, sharding=None):
         if isinstance(sharding, jax.sharding.Sharding):
             sharding = jax.tree.map(lambda _: sharding, abstract)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
+    parts = _parts(params_dir)
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(params_dir, abstract)
+        if not parts:
+            return checkpointer.restore(params_dir, abstract)
+        wanted = flatten(abstract)
+        restored = {}
+        for part in parts:
+            names = _saved_shapes(checkpointer, part)
+            subset = {path: leaf for path, leaf in wanted.items() if "/".join(path) in names}
+            restored.update(flatten(checkpointer.restore(part, unflatten(subset))))
+        return unflatten(restored)
+
+
+def _parts(params_dir: Path) -> list[Path]:
+    return sorted(path for path in params_dir.glob(PART_PREFIX + "*") if path.is_dir())
+
+
+def _saved_shapes(checkpointer, params_dir: Path) -> dict[str, tuple[int, ...]]:
+    metadata = checkpointer.metadata(params_dir)
+    return {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(
+        getattr(metadata.item_metadata, "tree", metadata.item_metadata))}
 
 
 def check_saved_shapes(params_dir: Path, abstract) -> None:
     """Raise a one-line ValueError naming the first parameter whose saved shape (orbax metadata) differs from
     `abstract`, or that only one of them has."""
     with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(params_dir)
-    saved = {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(
-        getattr(metadata.item_metadata, "tree", metadata.item_metadata))}
+        saved = {}
+        for part in _parts(params_dir) or [params_dir]:
+            saved.update(_saved_shapes(checkpointer, part))
     wanted = {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
     for name in sorted(saved.keys() | wanted.keys()):
         if saved.get(name) != wanted.get(name):

@@ -93,6 +93,10 @@ class TensorSource(abc.ABC):
     def load(self, key: str) -> np.ndarray:
         """Read one tensor; BF16 comes back as float32, other dtypes unchanged."""
 
+    def location(self, key: str) -> str:
+        """The file holding a tensor (shards are converted one at a time); "" when all live together."""
+        return ""
+
     def _missing(self, key: str) -> KeyError:
         return KeyError(f"no tensor {key!r} in {self.description}")
 
@@ -132,6 +136,9 @@ class SafetensorsSource(TensorSource):
 
     def dtype_name(self, key: str) -> str:
         return self._entry(key).dtype
+
+    def location(self, key: str) -> str:
+        return str(self._entry(key).path)
 
     def load(self, key: str) -> np.ndarray:
         entry = self._entry(key)

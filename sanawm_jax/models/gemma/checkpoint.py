@@ -91,14 +91,19 @@ def abstract_gemma3_params(config: Gemma3Config) -> dict:
     return variables["params"]
 
 
+def gemma3_naming(source):
+    """(path -> source key, is-unused predicate) for a source holding Gemma-3 weights under any known prefix."""
+    keys = set(source.keys())
+    prefix = next((p for p in GEMMA3_PREFIXES if p + "embed_tokens.weight" in keys), "")
+    return (lambda path: prefix + hf_key(path)), (lambda key: bool(GEMMA3_UNUSED.search(key)))
+
+
 def convert_gemma3_params(source, config: Gemma3Config, log=print) -> dict:
     """A `TensorSource` holding Gemma-3 weights -> params tree of numpy arrays in `config.param_dtype` (strict;
     vision tower, projector and head skipped)."""
-    keys = set(source.keys())
-    prefix = next((p for p in GEMMA3_PREFIXES if p + "embed_tokens.weight" in keys), "")
-    expected = flatten(abstract_gemma3_params(config))
-    return convert_tensors(source, expected, lambda path: prefix + hf_key(path), "the Gemma-3 config",
-                           lambda key: bool(GEMMA3_UNUSED.search(key)), log)
+    to_key, is_unused = gemma3_naming(source)
+    return convert_tensors(source, flatten(abstract_gemma3_params(config)), to_key, "the Gemma-3 config", is_unused,
+                           log)
 
 
 def load_gemma3(folder: str | Path, *, param_dtype: str = "float32", dtype: str = "float32", log=print):

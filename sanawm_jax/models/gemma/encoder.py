@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 MAX_SEQUENCE_LENGTH = 300
 CAPTION_CHANNELS = 2304
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json")  # the files a converted checkpoint keeps
 # The instruction prefix SANA-WM was trained with (the SANA "Enhanced prompt" prompt).
 DEFAULT_CHI_PROMPT: tuple[str, ...] = (
     'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
