@@ -1,12 +1,16 @@
-"""Generate a video from an image, a prompt and a camera path with SANA-WM (stage 1) in JAX.
+"""Generate a video from an image, a prompt and a camera path with SANA-WM (stage 1, and with --refine the LTX-2
+refiner of stage 2) in JAX.
 
     python sample.py --out demo.mp4                          # embedded tiny models, bundled image, no downloads
+    python sample.py --refine --out demo.mp4                 # also demo.refined.mp4 from the embedded tiny refiner
     python sample.py --checkpoint ckpt --image first.png --prompt "..." --action w-40,aw-24,d-16 \
         --intrinsics 640,640,640,352 --num-frames 81 --out video.mp4
 
 Writes the mp4 (16 fps, H.264), `<stem>.latents.npz` and `<stem>.trajectory.npz` next to it. --checkpoint is a
 directory written by convert_torch_weights.py (transformer/, vae/, text_encoder/). Intrinsics are [fx, fy, cx, cy] in
 pixels of the input image, given inline or as a .npy of shape (3,3), (F,3,3), (4,) or (F,4).
+--refine refines the stage-1 latents (checkpoint: its refiner/ from convert_torch_weights.py --refiner) and writes
+`<stem>.refined.mp4` (+ its .latents.npz / .trajectory.npz), one frame shorter: the refiner drops its sink frame.
 
 Bad input stops the run with one line `error: ...` and exit code 2 before any model loads (--debug shows the
 traceback). Compiled programs are kept in JAX's persistent compilation cache, so a second run skips compilation.
@@ -21,11 +25,13 @@ import numpy as np
 from sanawm_jax import camera, cli, demo
 from sanawm_jax.diffusion.scheduler import SamplerConfig
 from sanawm_jax.generate import (
+    Refiner,
     WorldModel,
     camera_path,
     check_checkpoint,
     check_num_frames,
     load_image,
+    refine,
     report_stage,
     write_outputs,
 )
@@ -84,6 +90,8 @@ def parse_args(argv=None):
                         help="GDN recurrence: xla (default, any device) or pallas (fused GPU kernel)")
     parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
                         help="softmax attention: xla (default, any device) or cudnn (fused kernel on NVIDIA GPUs)")
+    parser.add_argument("--refine", action="store_true",
+                        help="run stage 2 (the LTX-2 refiner) too; writes <stem>.refined.mp4 beside --out")
     cli.add_compilation_cache_flags(parser)
     parser.add_argument("--out", required=True, help="output .mp4")
     return parser.parse_args(argv)
@@ -94,6 +102,10 @@ def main(argv=None):
     # Every input is checked before any model is loaded or any file written; the checkpoint comes first.
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint, with_text_encoder=args.embeddings is None)
+        if args.refine and not (Path(args.checkpoint) / "refiner" / "transformer" / "config.json").is_file():
+            raise cli.UsageError(f"--refine needs {args.checkpoint}/refiner/ (convert_torch_weights.py --refiner)")
+        if args.refine and args.prompt is None:
+            raise cli.UsageError("--refine needs --prompt (the refiner encodes it with Gemma-3)")
     if args.num_frames is not None:
         check_num_frames(args.num_frames, "--num-frames")
     if args.checkpoint is None:
@@ -153,6 +165,22 @@ def main(argv=None):
                                     rotation_speed_deg=args.rotation_speed_deg,
                                     action_overlay=not args.no_action_overlay).items():
         print(f"{kind}: {path}")
+    if args.refine:
+        if args.checkpoint is None:
+            report_stage(f"building the tiny demo refiner (random weights from seed {args.seed})")
+            refiner = demo.demo_refiner(args.seed, world.vae_config.latent_channels)
+        else:
+            report_stage(f"loading {args.checkpoint}/refiner")
+            refiner = Refiner.from_checkpoint(args.checkpoint, args.dtype)
+        refined = refine(world, refiner, result, args.prompt, seed=args.seed)
+        out = Path(args.out)
+        report_stage(f"writing {out.with_name(out.stem + '.refined' + out.suffix)}")
+        for kind, path in write_outputs(out.with_name(out.stem + ".refined" + out.suffix), refined,
+                                        action_convention=args.action_convention,
+                                        translation_speed=args.translation_speed,
+                                        rotation_speed_deg=args.rotation_speed_deg,
+                                        action_overlay=not args.no_action_overlay).items():
+            print(f"refined {kind}: {path}")
 
 
 if __name__ == "__main__":

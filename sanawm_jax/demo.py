@@ -16,12 +16,18 @@ from sanawm_jax.data.cache import cache_latents, cache_text, source_captions
 from sanawm_jax.data.format import TextEmbeddingStore
 from sanawm_jax.data.sources import ClipDirectorySource
 from sanawm_jax.data.synthetic import write_synthetic_dataset
-from sanawm_jax.generate import WorldModel
+from sanawm_jax.generate import Refiner, WorldModel
 from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.gemma.checkpoint import abstract_gemma2_params
 from sanawm_jax.models.gemma.encoder import TextEncoder
+from sanawm_jax.models.gemma.checkpoint import abstract_gemma3_params
 from sanawm_jax.models.gemma.gemma2 import Gemma2Config
+from sanawm_jax.models.gemma.gemma3 import Gemma3Config
 from sanawm_jax.models.ltx2_vae import VAE_PRESETS, abstract_vae_params
+from sanawm_jax.models.refiner.checkpoint import abstract_connector_params, abstract_refiner_params
+from sanawm_jax.models.refiner.config import CONNECTOR_PRESETS, REFINER_PRESETS
+from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
+from sanawm_jax.models.refiner.transformer import RefinerTransformer
 from sanawm_jax.models.sana_wm.config import PRESETS
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params
 
@@ -29,6 +35,7 @@ TARGET_SIZE = (128, 224)
 EXAMPLE_IMAGE = "example.png"
 EXAMPLE_INTRINSICS = "example_intrinsics.json"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+REFINER_TEXT_LENGTH = 64  # tokens (the release: 1024)
 DEMO_DATA = {"num_clips": 4, "num_frames": 17, "height": 64, "width": 96}
 
 
@@ -109,6 +116,26 @@ def demo_world_model(seed: int = 0, **config_overrides) -> WorldModel:
         text_encoder=TextEncoder(tokenizer, gemma_config, random_params(abstract_gemma2_params(gemma_config), rng)),
         target_size=TARGET_SIZE,
     )
+
+
+def demo_refiner(seed: int = 0, latent_channels: int | None = None) -> Refiner:
+    """Tiny stage-2 refiner (transformer, Gemma-3 of 2 layers and connectors) with `random_params` drawn from `seed`,
+    for the demo VAE's latents."""
+    latent_channels = latent_channels or VAE_PRESETS["ltx2_video_tiny"].latent_channels
+    config = REFINER_PRESETS["ltx2_refiner_tiny"].replace(in_channels=latent_channels, out_channels=latent_channels)
+    connectors = CONNECTOR_PRESETS["ltx2_connectors_tiny"]
+    tokenizer = byte_tokenizer()
+    gemma = Gemma3Config(
+        vocab_size=len(tokenizer), hidden_size=connectors.caption_channels, intermediate_size=24,
+        num_hidden_layers=connectors.text_proj_in_factor - 1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=connectors.caption_channels // 2, query_pre_attn_scalar=connectors.caption_channels // 2,
+        sliding_window=16, sliding_window_pattern=2,
+    )
+    rng = np.random.default_rng(seed + 1)
+    encoder = RefinerTextEncoder(tokenizer, gemma, random_params(abstract_gemma3_params(gemma), rng), connectors,
+                                 random_params(abstract_connector_params(connectors), rng),
+                                 max_sequence_length=REFINER_TEXT_LENGTH)
+    return Refiner(RefinerTransformer(config), random_params(abstract_refiner_params(config), rng), encoder)
 
 
 def build_demo_dataset(data_dir, seed: int = 0) -> tuple[Path, Path]:

@@ -1,10 +1,12 @@
-"""Stage-1 generation: image + prompt + camera path -> video, with every model in JAX.
+"""Generation: image + prompt + camera path -> video (stage 1), and its refinement (stage 2), every model in JAX.
 
     world = WorldModel.from_checkpoint("ckpt")                 # written by convert_torch_weights.py
     image, source_size = load_image("first_frame.png", world.target_size)
     c2w, intrinsics = camera_path(17, source_size, world.target_size, action="w-16", intrinsics=[fx, fy, cx, cy])
     result = world.generate(image, c2w, intrinsics, world.encode_prompt("a quiet street", cfg=True))
     write_outputs("video.mp4", result)
+    refined = refine(world, Refiner.from_checkpoint("ckpt"), result, "a quiet street")   # ckpt/refiner/
+    write_outputs("video.refined.mp4", refined)
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from sanawm_jax.diffusion.sampler import initial_noise, sample
 from sanawm_jax.diffusion.scheduler import SamplerConfig
 from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.gemma.encoder import PromptEmbeddings, TextEncoder
+from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
+from sanawm_jax.models.refiner.release import load_refiner_components
+from sanawm_jax.models.refiner.sampler import SINK_SIZE, refine_latents
+from sanawm_jax.models.refiner.transformer import RefinerTransformer
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
 
@@ -186,6 +192,36 @@ class WorldModel:
 
     def video_shape(self, num_latent_frames: int) -> tuple[int, ...]:
         return (1, self.vae_config.num_pixel_frames(num_latent_frames), *self.target_size, 3)
+
+
+@dataclasses.dataclass
+class Refiner:
+    """Stage 2: the LTX-2 refiner transformer, its parameters and its Gemma-3 + connectors text encoder."""
+
+    model: RefinerTransformer
+    params: dict
+    text_encoder: RefinerTextEncoder
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, dtype: str | None = None, sharding=None) -> "Refiner":
+        """`ckpt_dir/refiner/` (or a refiner-only directory) written by convert_torch_weights.py --refiner."""
+        return cls(*load_refiner_components(ckpt_dir, sharding, dtype=dtype))
+
+
+def refine(world: WorldModel, refiner: Refiner, result: GenerationResult, prompt: str, *, fps: float = DEFAULT_FPS,
+           seed: int = 42, progress: bool = True) -> GenerationResult:
+    """Stage 2 on a stage-1 result: the refined latents (sink frame unchanged) decoded with the stage-1 VAE, the
+    first decoded frame dropped as diffusers' refiner does (so the video and camera path are one frame shorter)."""
+    report_stage("encoding the prompt for the refiner", progress)
+    text, mask = refiner.text_encoder.encode(prompt)
+    latents = jnp.asarray(result.latents)[None]
+    noise = jax.random.normal(jax.random.key(seed), latents.shape, jnp.float32)
+    report_stage("refining", progress)
+    refined = refine_latents(refiner.model, refiner.params, latents, text, mask, noise, fps=fps, progress=progress)
+    video = vae.decode_tiled(world.vae_params, refined, world.vae_config,
+                             out=np.empty(world.video_shape(refined.shape[1]), np.uint8), progress=progress)
+    return GenerationResult(np.asarray(refined[0]), video[0, SINK_SIZE:], result.c2w[SINK_SIZE:],
+                            result.intrinsics[SINK_SIZE:])
 
 
 def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, action: str | None = None,

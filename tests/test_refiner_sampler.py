@@ -19,7 +19,7 @@ from sanawm_jax.models.gemma.gemma3 import Gemma3Config
 from sanawm_jax.models.refiner.checkpoint import convert_connectors, convert_refiner
 from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
 from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
-from sanawm_jax.models.refiner.sampler import block_bounds, refine
+from sanawm_jax.models.refiner.sampler import block_bounds, refine_latents
 from sanawm_jax.models.refiner.transformer import RefinerTransformer
 from tests.conftest import randomize_
 from tests.test_refiner_transformer import build_oracle, relative_l2
@@ -98,7 +98,7 @@ def test_refinement_matches_diffusers_pipeline(refiner_oracle, num_frames, kv_ma
     noise = pipeline_noise(shape, block_bounds(num_frames, 1, 3), seed=11)
     channels_last = lambda a: np.moveaxis(a, 1, -1).astype(np.float32)
     text, mask = encoder.encode(PROMPT)
-    ours = refine(model, params, channels_last(stage1), text, mask, channels_last(noise), fps=FPS,
+    ours = refine_latents(model, params, channels_last(stage1), text, mask, channels_last(noise), fps=FPS,
                   kv_max_frames=kv_max_frames)
     ours = np.moveaxis(np.asarray(ours), -1, 1)
     np.testing.assert_array_equal(ours[:, :, :1], stage1[:, :, :1].astype(np.float32))

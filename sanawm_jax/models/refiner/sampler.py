@@ -9,16 +9,19 @@ attend to [sink, history, block]: the sink re-rotated to sit just before the his
 post-RoPE K/V of the last `kv_max_frames - sink_size` refined frames, captured by one more sigma-0 forward of each
 refined block under the same prefix.
 
-    latents = refine(RefinerTransformer(config), params, latents, text, text_mask, noise, fps=16.0)
+    latents = refine_latents(RefinerTransformer(config), params, latents, text, text_mask, noise, fps=16.0)
 
 Latents are channels-last (B, F, H, W, C) float32; `noise` has the same shape (frames < sink_size are not read).
 """
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from sanawm_jax.models.refiner.rope import rope_tables, video_fractions
 from sanawm_jax.models.refiner.transformer import KVPrefix, RefinerTransformer
@@ -43,14 +46,14 @@ def frame_rope(config, frames, height: int, width: int, fps: float):
     return rope_tables(fractions, config.inner_dim, config.rope_theta, config.rope_type, config.num_attention_heads)
 
 
-def refine(model: RefinerTransformer, params, latents, text, text_mask, noise, *, fps: float,
+def refine_latents(model: RefinerTransformer, params, latents, text, text_mask, noise, *, fps: float,
            sigmas=DISTILLED_SIGMAS, sink_size: int = SINK_SIZE, block_size: int = BLOCK_SIZE,
-           kv_max_frames: int = KV_MAX_FRAMES, on_block=None):
+           kv_max_frames: int = KV_MAX_FRAMES, on_block=None, progress: bool = False):
     """Refine stage-1 latents (B, F, H, W, C) -> refined latents of the same shape (frames < sink_size unchanged).
 
     text (B, L, D) / text_mask (B, L): the connectors' output for the prompt. sigmas: descending, ending at 0.
     kv_max_frames <= sink_size keeps the whole history. on_block(start, end, block) is called after each block
-    (streaming callers write frames as they come).
+    (streaming callers write frames as they come). `progress` shows a bar over the blocks on stderr.
     """
     config = model.config
     batch, num_frames, height, width, channels = latents.shape
@@ -77,7 +80,8 @@ def refine(model: RefinerTransformer, params, latents, text, text_mask, noise, *
     history_k = history_v = None
     history_frames = 0
     refined = [latents[:, :sink_size]]
-    for start, end in block_bounds(num_frames, sink_size, block_size):
+    bounds = block_bounds(num_frames, sink_size, block_size)
+    for start, end in tqdm(bounds, desc="refining blocks", disable=not progress, file=sys.stderr):
         offset = start - history_frames - sink_size
         prefix = KVPrefix(sink_k, sink_v, frame_rope(config, range(offset, offset + sink_size), height, width, fps),
                           history_k, history_v)

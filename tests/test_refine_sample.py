@@ -1,0 +1,40 @@
+"""`sample.py --refine`: the embedded tiny refiner writes a refined mp4 beside the stage-1 one, and a checkpoint
+without a converted refiner is refused before anything loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sample
+from sanawm_jax import demo
+from sanawm_jax.data.video import read_video_window
+from tests.test_sample import assert_one_line_usage_error
+
+
+@pytest.mark.slow  # a second whole demo run (stage 1 + stage 2)
+def test_embedded_refine_writes_stage1_and_refined_videos(tmp_path, capsys):
+    sample.main(["--refine", "--out", str(tmp_path / "demo.mp4"), "--no-compilation-cache"])
+    stages = capsys.readouterr().err
+    assert "building the tiny demo refiner" in stages and "refining" in stages
+    stage1, total, size = read_video_window(tmp_path / "demo.mp4", 0, 100)
+    refined, refined_total, refined_size = read_video_window(tmp_path / "demo.refined.mp4", 0, 100)
+    assert total == 17 and refined_total == 16 and refined_size == size == demo.TARGET_SIZE
+    assert refined.std() > 0
+    with np.load(tmp_path / "demo.latents.npz") as first, np.load(tmp_path / "demo.refined.latents.npz") as second:
+        np.testing.assert_array_equal(second["latents"][0], first["latents"][0])  # the sink frame is kept
+        assert second["latents"].shape == first["latents"].shape
+        assert np.abs(second["latents"][1:] - first["latents"][1:]).mean() > 1e-3
+    with np.load(tmp_path / "demo.refined.trajectory.npz") as trajectory, \
+            np.load(tmp_path / "demo.trajectory.npz") as first_trajectory:
+        np.testing.assert_array_equal(trajectory["c2w"], first_trajectory["c2w"][1:])
+
+
+def test_refine_with_a_checkpoint_lacking_the_refiner_is_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    for part in ("transformer", "vae", "text_encoder"):
+        (ckpt / part).mkdir(parents=True)
+        (ckpt / part / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_one_line_usage_error(capsys, ["--refine", "--checkpoint", str(ckpt)], "--refine needs", out)
