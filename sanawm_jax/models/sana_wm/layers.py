@@ -129,10 +129,12 @@ def rope_frequencies(head_dim: int, max_seq_len: int, theta: float = 10000.0) ->
     return axis_table(pairs_t), axis_table(pairs_hw), axis_table(pairs_hw)
 
 
-def rope_angles(grid: tuple[int, int, int], head_dim: int, max_seq_len: int, pairs=None) -> jnp.ndarray:
+def rope_angles(grid: tuple[int, int, int], head_dim: int, max_seq_len: int, pairs=None,
+                start_frame=None) -> jnp.ndarray:
     """Rotary angles for every token of a (T, H, W) grid, (T*H*W, pairs_t + pairs_h + pairs_w) float32.
 
     `pairs` = (n_t, n_h, n_w) keeps only the leading pairs of each axis (the reduced table of the UCPE camera branch).
+    `start_frame` (int32 scalar, may be traced; streaming mode): frames sit at absolute positions start_frame + t.
     """
     t, h, w = grid
     if max(grid) > max_seq_len:
@@ -141,9 +143,13 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, max_seq_len: int, pai
     if pairs is not None:
         tables = tuple(table[:, :n] for table, n in zip(tables, pairs))
     table_t, table_h, table_w = (jnp.asarray(table) for table in tables)
+    if start_frame is None:
+        frames_t = table_t[:t]
+    else:
+        frames_t = jax.lax.dynamic_slice_in_dim(table_t, start_frame, t, axis=0)
     angles = jnp.concatenate(
         [
-            jnp.broadcast_to(table_t[:t, None, None], (t, h, w, table_t.shape[1])),
+            jnp.broadcast_to(frames_t[:, None, None], (t, h, w, table_t.shape[1])),
             jnp.broadcast_to(table_h[None, :h, None], (t, h, w, table_h.shape[1])),
             jnp.broadcast_to(table_w[None, None, :w], (t, h, w, table_w.shape[1])),
         ],
@@ -203,11 +209,18 @@ class TemporalShortConv(nn.Module):
     chunk_starts: tuple[int, ...] | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, carried=None):
+        """carried (streaming mode): (B, K − 1, S, C), the input frames before x; then returns (y, the last K − 1
+        input frames) and x is one block: forward taps read the carried frames, backward taps stop at its end."""
         channels = x.shape[-1]
         kernel = self.param("kernel", identity_tap_init, (self.kernel_size, 1, channels), self.param_dtype)
         taps = kernel[:, 0, :]
         symmetric = jnp.concatenate([taps, taps[:-1][::-1]], axis=0)
+        if carried is not None:
+            extended = jnp.concatenate([carried.astype(x.dtype), x], axis=1)
+            reach = self.kernel_size - 1
+            y = depthwise_conv(extended, symmetric[:, None, :])[:, reach:]
+            return y, extended[:, extended.shape[1] - reach :]
         if self.chunk_starts is None:
             return depthwise_conv(x, symmetric[:, None, :])
         return self.chunk_causal(x, symmetric.astype(jnp.float32))
@@ -272,7 +285,9 @@ class GLUMBConvTemp(nn.Module):
             param_dtype=self.param_dtype,
         )
 
-    def __call__(self, x):
+    def __call__(self, x, carried=None):
+        """carried (streaming mode): (B, t_kernel_size // 2, S, C), the temporal-conv input frames before x; then
+        returns (output, the last such frames) and x is one block: its last frames see zeros on their right."""
         b, t, s, c = x.shape
         h, w = self.grid_hw
         y = x.reshape(b * t, h, w, c)
@@ -281,6 +296,10 @@ class GLUMBConvTemp(nn.Module):
         value, gate = jnp.split(y, 2, axis=-1)
         y = self.point_conv(value * nn.silu(gate))
         y = y.reshape(b, t, s, c)
+        if carried is not None:
+            reach = self.t_kernel_size // 2
+            extended = jnp.concatenate([carried.astype(y.dtype), y], axis=1)
+            return y + self.t_conv(extended)[:, reach:], extended[:, extended.shape[1] - reach :]
         temporal = self.t_conv(y)
         if self.chunk_starts is not None:
             temporal = temporal - self.taps_across_chunks(y)

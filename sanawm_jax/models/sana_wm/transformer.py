@@ -8,6 +8,10 @@ stack of dual-branch blocks (GDN, with softmax every `softmax_every_n`-th), and 
 latents (B, T, H, W, C_in) channels-last, timesteps (B, T) in [0, 1000] (floored, per latent frame),
 text (B, L, D_text), text_mask (B, L), camera_conditions (B, T, 20), chunk_plucker (B, T, H, W, 48),
 frame_valid_mask (B, T) -> velocity (B, T, H, W, C_in).
+
+Streaming mode (config.mode "streaming"): with `stream_state=` (`streaming.init_stream_state`) the call takes one
+block of latent frames (chunk_frames + 1 for block 0, chunk_frames after) with its per-frame inputs and returns
+(velocity, the state after the block); without it the model runs a whole clip chunk-causally.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from sanawm_jax.models.sana_wm.layers import (
     modulate,
     rope_angles,
 )
+from sanawm_jax.models.sana_wm.streaming import LayerCache, StreamState
 
 Dtype = Any
 
@@ -49,9 +54,13 @@ class SanaWMBlock(nn.Module):
     grid: tuple[int, int, int]
 
     @nn.compact
-    def __call__(self, x, text, text_mask, t_mod, rope, transforms, plucker, frame_mask):
+    def __call__(self, x, text, text_mask, t_mod, rope, transforms, plucker, frame_mask, cache=None, block=None):
+        """cache (streaming mode): this layer's `streaming.LayerCache`, x one block and `block` its index; then
+        returns (x, updated cache)."""
         cfg = self.config
         b, t, s, c = x.shape
+        streaming = cache is not None
+        chunk_layout = None if streaming else cfg.chunk_layout(t)
         dtype, param_dtype = cfg.compute_dtype, cfg.parameter_dtype
         masked = lambda a: a if frame_mask is None else a * frame_mask.astype(a.dtype)[:, :, None, None]
 
@@ -72,11 +81,16 @@ class SanaWMBlock(nn.Module):
             gdn_impl=cfg.gdn_impl,
             dtype=dtype,
             param_dtype=param_dtype,
-            chunk_starts=cfg.chunk_layout(t),
+            chunk_starts=chunk_layout,
+            stream_config=cfg if streaming else None,
             name="attn",
         )
         attn_in = masked(modulate(layer_norm(x), shift_msa, scale_msa))
-        x = masked(x + masked(gate_msa * attention(attn_in, rope, transforms, frame_mask)))
+        if streaming:
+            attended, attention_cache = attention(attn_in, rope, transforms, None, cache.attention, block)
+        else:
+            attended = attention(attn_in, rope, transforms, frame_mask)
+        x = masked(x + masked(gate_msa * attended))
 
         if cfg.has_plucker_proj(self.index):
             plucker_proj = dense(c, "plucker_proj", dtype, param_dtype)
@@ -90,8 +104,11 @@ class SanaWMBlock(nn.Module):
         x = masked(x + cross(x, text, text_mask))
 
         mlp = GLUMBConvTemp(c, cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype,
-                            chunk_starts=cfg.chunk_layout(t), name="mlp")
+                            chunk_starts=chunk_layout, name="mlp")
         mlp_in = masked(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        if streaming:
+            mlp_out, ffn_cache = mlp(mlp_in, cache.ffn)
+            return x + gate_mlp * mlp_out, LayerCache(attention_cache, ffn_cache)
         return masked(x + masked(gate_mlp * mlp(mlp_in)))
 
 
@@ -110,10 +127,15 @@ class SanaWMTransformer(nn.Module):
         camera_conditions=None,
         chunk_plucker=None,
         frame_valid_mask=None,
+        stream_state: StreamState | None = None,
     ):
         cfg = self.config
         dtype, param_dtype = cfg.compute_dtype, cfg.parameter_dtype
         self.check_inputs(latents, timesteps, text, text_mask, camera_conditions, chunk_plucker, frame_valid_mask)
+        streaming = stream_state is not None
+        if streaming:
+            self.check_stream(latents, frame_valid_mask, stream_state)
+        start_frame = stream_state.start_frame if streaming else None
         b, frames, height, width, _ = latents.shape
         pt, ph, pw = cfg.patch_size
         grid = (frames // pt, height // ph, width // pw)
@@ -136,12 +158,23 @@ class SanaWMTransformer(nn.Module):
         if cfg.y_norm:
             y = RMSNorm(1e-5, dtype, param_dtype, name="attention_y_norm")(y)
 
-        rope = rope_angles(grid, cfg.linear_head_dim, cfg.rope_max_seq_len)
+        rope = rope_angles(grid, cfg.linear_head_dim, cfg.rope_max_seq_len, start_frame=start_frame)
         transforms = None
         if camera_conditions is not None:
             transforms = ucpe.ray_transforms(
-                camera_conditions, grid, cfg.patch_size, cfg.linear_head_dim, cfg.rope_max_seq_len
+                camera_conditions, grid, cfg.patch_size, cfg.linear_head_dim, cfg.rope_max_seq_len, start_frame
             )
+
+        if streaming:
+            caches = []
+            for i in range(cfg.num_layers):
+                x, cache = SanaWMBlock(cfg, i, grid, name=f"blocks_{i}")(
+                    x, y, text_mask, t_mod, rope, transforms, plucker, None, stream_state.layers[i],
+                    stream_state.block,
+                )
+                caches.append(cache)
+            next_state = StreamState(stream_state.block + 1, stream_state.start_frame + frames, tuple(caches))
+            return self.final_layer(x, t_emb, grid), next_state
 
         block_cls = nn.remat(SanaWMBlock) if cfg.remat else SanaWMBlock
         for i in range(cfg.num_layers):
@@ -150,6 +183,21 @@ class SanaWMTransformer(nn.Module):
             )
 
         return self.final_layer(x, t_emb, grid)
+
+    def check_stream(self, latents, frame_valid_mask, stream_state):
+        cfg = self.config
+        if cfg.mode != "streaming":
+            raise ValueError(f"stream_state needs a model in mode 'streaming', not {cfg.mode!r}")
+        if frame_valid_mask is not None:
+            raise ValueError("frame_valid_mask is not supported in streaming mode (blocks are whole)")
+        frames = latents.shape[1]
+        if frames not in (cfg.chunk_frames, cfg.chunk_frames + 1):
+            raise ValueError(
+                f"a streaming block has {cfg.chunk_frames + 1} latent frames (block 0) or {cfg.chunk_frames}, "
+                f"got {frames}"
+            )
+        if len(stream_state.layers) != cfg.num_layers:
+            raise ValueError(f"stream_state has {len(stream_state.layers)} layers, the model {cfg.num_layers}")
 
     def final_layer(self, x, t_emb, grid):
         """Per-frame modulated LayerNorm, Linear to patch*C_out, unpatchify to (B, T, H, W, C_out)."""

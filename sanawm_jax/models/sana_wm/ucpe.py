@@ -30,10 +30,12 @@ def camera_rope_pairs(head_dim: int) -> tuple[int, int, int]:
     return rope_dim // 2 - 2 * pairs_hw, pairs_hw, pairs_hw
 
 
-def ray_transforms(camera_conditions, grid, patch_size, head_dim: int, max_seq_len: int) -> RayTransforms:
-    """camera_conditions (B, T, 20) on a (T, h, w) token grid -> RayTransforms (float32)."""
+def ray_transforms(camera_conditions, grid, patch_size, head_dim: int, max_seq_len: int,
+                   start_frame=None) -> RayTransforms:
+    """camera_conditions (B, T, 20) on a (T, h, w) token grid -> RayTransforms (float32); `start_frame` as in
+    `rope_angles` (streaming mode: the absolute position of the block's first frame)."""
     matrices = camera.ucpe_ray_matrices(camera_conditions.astype(jnp.float32), grid, patch_size)
-    angles = rope_angles(grid, head_dim, max_seq_len, pairs=camera_rope_pairs(head_dim))
+    angles = rope_angles(grid, head_dim, max_seq_len, pairs=camera_rope_pairs(head_dim), start_frame=start_frame)
     return RayTransforms(matrices, camera.invert_se3(matrices), angles)
 
 
