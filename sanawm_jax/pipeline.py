@@ -18,23 +18,25 @@ from sanawm_jax.models.sana_wm.checkpoint import (
     NULL_CAPTION_FILE,
     NULL_CAPTION_KEY,
     TRANSFORMER_DIR,
-    check_bidirectional_dit,
+    checkpoint_mode,
     convert_transformer,
     detect_layout,
     load_transformer,
+    resolve_mode,
     save_transformer,
 )
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
 
 VAE_DIR = "vae"
 REFINER_DIR = "refiner"
+CAUSAL_VAE_DIR = "ltx2_causal_vae"  # the streaming release's VAE (a causal decoder), used when a root has no vae/
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 NVLABS_DIT_DIR = "dit"  # NVlabs release folders: dit/<name>.safetensors, vae/, refiner/, config.yaml
 NVLABS_STREAMING_DIT = "sana_dit/model.pt"  # the streaming release folder's DiT
 
 
-__all__ = ["convert_pipeline", "load_text_encoder", "load_transformer", "load_vae"]
+__all__ = ["checkpoint_mode", "convert_pipeline", "load_text_encoder", "load_transformer", "load_vae"]
 
 
 def _present(folder: Path | None) -> Path | None:
@@ -59,16 +61,18 @@ def _given(folder, what: str) -> Path:
     return Path(folder)
 
 
-def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=None, text_encoder=None,
-                     tokenizer=None, refiner=None, log=print) -> Path:
-    """Convert a released SANA-WM pipeline into `out_dir/{transformer,vae,text_encoder}`.
+def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, mode: str | None = None, vae=None,
+                     text_encoder=None, tokenizer=None, refiner=None, log=print) -> Path:
+    """Convert a released SANA-WM pipeline into `out_dir/{transformer,vae,text_encoder}` (and `refiner/`).
 
-    src: the bidirectional DiT (a diffusers pipeline root or transformer folder, an NVlabs release folder or its
-    `dit/*.safetensors`, or a torch pickle); released checkpoints of other kinds (chunk-causal or streaming DiT,
-    refiner) are refused by name.
-    vae / text_encoder / tokenizer: folders of the other components; by default the `vae/`, `text_encoder/` and
-    `tokenizer/` subfolders of a pipeline or release root `src`, when present. Components that are not found are
-    skipped (and said so); the DiT is always converted.
+    src: a DiT of any of the three kinds: a diffusers pipeline root or transformer folder, an NVlabs release folder
+    (bidirectional or chunk-causal `dit/*.safetensors`, streaming `sana_dit/model.pt`) or that file, or a torch
+    pickle. Its kind (`detect_dit_kind`) becomes the `mode` of the converted config; `mode` names it when the files do
+    not, and a `mode` they contradict is refused. Released checkpoints of other models (refiner, a VAE) are refused
+    by name.
+    vae / text_encoder / tokenizer: folders of the other components; by default the `vae/` (else `ltx2_causal_vae/`),
+    `text_encoder/` and `tokenizer/` subfolders of a pipeline or release root `src`, when present. Components that are
+    not found are skipped (and said so); the DiT is always converted.
     refiner: a released stage-2 refiner (either release layout, see `models.refiner.release`), written to
     `out_dir/refiner/` shard by shard in bfloat16. The DiT config comes from `config`, else from the source's
     config.json. Everything is written into a temporary sibling of `out_dir` that becomes `out_dir` only when all
@@ -76,13 +80,15 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
     """
     src = Path(src)
     source = open_torch_checkpoint(_dit_source(src))
-    check_bidirectional_dit(source)
+    kind = resolve_mode(source, mode)
     if config is None:
         if source.config is None:
             raise ValueError(f"{source.description} carries no config.json: pass a config (e.g. --config sana_wm_2.6b)")
         config = SanaWMConfig.from_diffusers_config(source.config)
+    config = config.replace(mode=kind.mode, **(kind.fields or {}))
     root = src if src.is_dir() else None
-    vae = _given(vae, "VAE") if vae else _present(root and root / VAE_DIR)
+    default_vae = _present(root and root / VAE_DIR) or _present(root and root / CAUSAL_VAE_DIR)
+    vae = _given(vae, "VAE") if vae else default_vae
     text_encoder = _given(text_encoder, "text encoder") if text_encoder else _present(root and root / TEXT_ENCODER_DIR)
     tokenizer = _given(tokenizer, "tokenizer") if tokenizer else _present(root and root / TOKENIZER_DIR) or text_encoder
     if text_encoder is not None:
@@ -91,7 +97,7 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
         find_refiner_folders(refiner)  # so does a folder that is not a refiner release
     with store.staged_directory(out_dir) as staging:
         log(f"transformer: converting {source.description} ({len(source.keys())} tensors, "
-            f"{detect_layout(source.keys())} layout)")
+            f"{detect_layout(source.keys())} layout) as a {kind.mode} DiT (by {kind.evidence})")
         params, null_caption = convert_transformer(source, config, log=log)
         save_transformer(staging / TRANSFORMER_DIR, params, config, null_caption)
         if null_caption is not None:
@@ -102,7 +108,7 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
             log("vae: no folder given or found, skipped")
         else:
             vae_config, vae_params = convert_vae(vae)
-            log(f"vae: converted {vae}")
+            log(f"vae: converted {vae} ({'causal' if vae_config.decoder_causal else 'non-causal'} decoder)")
             store.save_params(staging / VAE_DIR, vae_params, vae_config.to_dict())
 
         if text_encoder is None:
@@ -123,9 +129,16 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, vae=No
 
 
 def load_vae(ckpt_dir, sharding=None, **config_overrides) -> tuple[VAEConfig, dict]:
-    """`(VAEConfig, params)` from `ckpt_dir/vae` (or a VAE-only directory); overrides e.g. `dtype="bfloat16"`."""
+    """`(VAEConfig, params)` from `ckpt_dir/vae` (or a VAE-only directory); overrides e.g. `dtype="bfloat16"`.
+    Overriding the temporal causality of the saved encoder or decoder raises a one-line ValueError: the weights were
+    trained with it (the streaming release's causal decoder is a checkpoint of its own)."""
     model_dir = store.component_dir(ckpt_dir, VAE_DIR)
-    config = VAEConfig.from_dict(store.read_config(model_dir)).replace(**config_overrides)
+    saved = VAEConfig.from_dict(store.read_config(model_dir))
+    config = saved.replace(**config_overrides)
+    for field in ("encoder_causal", "decoder_causal"):
+        if getattr(config, field) != getattr(saved, field):
+            raise ValueError(f"{model_dir} holds a VAE with {field}={getattr(saved, field)}; it cannot be loaded with "
+                             f"{field}={getattr(config, field)}")
     return config, store.restore_params(model_dir, abstract_vae_params(config), sharding)
 
 

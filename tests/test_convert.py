@@ -1,5 +1,5 @@
 """The converter reads the released layouts (written here by the tests), is strict about keys and shapes, refuses
-released checkpoints of other kinds by name, fails as one line with exit code 2 leaving no output behind, and its
+released checkpoints of other models by name, fails as one line with exit code 2 leaving no output behind, and its
 output restores through `load_transformer`, which names the first parameter of a checkpoint of another config."""
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def write_flat_file(oracle, path):
 
 
 def write_torch_pickle(oracle, path):
-    torch.save({"generator": {f"model.{k}": v for k, v in oracle.state_dict().items()}, "step": 7}, path)
+    """A stage-1 trainer's pickle: nothing in it tells the kind, so it converts as bidirectional."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in oracle.state_dict().items()}, "step": 7}, path)
     return path
 
 
@@ -203,12 +204,6 @@ def test_mismatch_error_sums_up_on_its_first_line(oracle_fp32, tmp_path, capsys)
     assert [path.name for path in tmp_path.iterdir()] == ["broken.pt"]
 
 
-def streaming_release_folder(oracle, folder):
-    (folder / "SANA-WM_streaming" / "sana_dit").mkdir(parents=True)
-    streaming_pickle(oracle, folder / "SANA-WM_streaming" / "sana_dit")
-    return [folder / "SANA-WM_streaming", "--config", "sana_wm_tiny"]
-
-
 def folder_of_class(class_name, subfolder=""):
     def make(oracle, folder):
         model_dir = folder / "release" / subfolder
@@ -217,13 +212,6 @@ def folder_of_class(class_name, subfolder=""):
         save_file({"weight": torch.zeros(2)}, str(model_dir / "diffusion_pytorch_model.safetensors"))
         return [folder / "release"]
     return make
-
-
-def streaming_pickle(oracle, folder):
-    state = {f"model.{k}": v for k, v in oracle.state_dict().items()}
-    torch.save({"generator": state, "critic": state, "step": 9, "denoising_step_list": [1000, 960, 889, 727, 0]},
-               folder / "model.pt")
-    return [folder / "model.pt", "--config", "sana_wm_tiny"]
 
 
 def nvlabs_repo(model_section, file_name="sana_wm_1600m_720p.safetensors"):
@@ -235,41 +223,18 @@ def nvlabs_repo(model_section, file_name="sana_wm_1600m_720p.safetensors"):
     return make
 
 
-def chunk_causal_release_folder(oracle, folder):
-    nvlabs_repo({"attn_type": "ChunkCausalGDNTriton", "chunk_size": 3})(oracle, folder)
-    return [folder / "repo", "--config", "sana_wm_tiny"]
-
-
-def diffusers_config_with(**fields):
-    def make(oracle, folder):
-        oracle.save_pretrained(folder / "transformer")
-        config = json.loads((folder / "transformer" / "config.json").read_text())
-        (folder / "transformer" / "config.json").write_text(json.dumps({**config, **fields}))
-        return [folder / "transformer"]
-    return make
-
-
 @pytest.mark.parametrize(
     "make_input, message",
     [
-        (streaming_pickle, "is a SANA-WM streaming checkpoint (model.pt with generator/critic); converting it is not"),
-        (streaming_release_folder, "model.pt is a SANA-WM streaming checkpoint"),
         (folder_of_class("SanaWMLTX2RefinerTransformer3DModel"), "is a SANA-WM stage-2 refiner transformer folder"),
         (folder_of_class("SanaWMLTX2RefinerTransformer3DModel", "transformer"), "refiner transformer folder"),
         (folder_of_class("LTX2TextConnectors"), "is a SANA-WM refiner text-connector folder"),
         (folder_of_class("AutoencoderKLLTX2Video"), "is an LTX-2 video VAE folder"),
-        (nvlabs_repo({"attn_type": "ChunkCausalGDNTriton", "chunk_size": 3}),
-         "is a SANA-WM chunk-causal DiT checkpoint (by its config.yaml); converting it is not supported yet"),
-        (nvlabs_repo({"model": "SanaMSVideoCamCtrlStreaming_1600M_P1_D20", "ffn_type": "CachedGLUMBConvTemp"}),
-         "is a SANA-WM streaming DiT checkpoint (by its config.yaml)"),
-        (nvlabs_repo(None, "sana_wm_chunk_causal_1600m_720p.safetensors"),
-         "is a SANA-WM chunk-causal DiT checkpoint (by file name)"),
-        (chunk_causal_release_folder, "chunk-causal DiT checkpoint (by its config.yaml)"),
-        (diffusers_config_with(chunk_size=3), "is a SANA-WM chunk-causal DiT checkpoint (by config.json)"),
+        (folder_of_class("AutoencoderKLCausalLTX2Video"),
+         "is a causal LTX-2 video VAE folder (the streaming release's ltx2_causal_vae) (AutoencoderKLCausalLTX2Video "
+         "in config.json); give it as the VAE (--vae), not as the DiT"),
     ],
-    ids=["streaming-model-pt", "streaming-release-folder", "refiner", "refiner-root", "connectors", "vae",
-         "chunk-causal-yaml", "streaming-yaml", "chunk-causal-name", "chunk-causal-release-folder",
-         "chunk-causal-diffusers"],
+    ids=["refiner", "refiner-root", "connectors", "vae", "causal-vae"],
 )
 def test_other_architectures_are_refused_by_name(oracle_fp32, tmp_path, capsys, make_input, message):
     oracle, _ = oracle_fp32

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -57,6 +58,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 STRIPPED_PREFIXES = ("module.", "model.")
+# Names that PyTorch wrappers insert into state-dict keys (FSDP, activation checkpointing, torch.compile); no model
+# module is called so, so they are dropped wherever they occur.
+WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 STATE_DICT_KEYS = ("generator", "state_dict", "model")
 
 
@@ -281,7 +285,9 @@ def open_diffusers_folder(folder: Path) -> SafetensorsSource:
 
 
 def open_torch_pickle(path: Path) -> TorchStateDictSource:
-    """A torch pickle; the state dict is taken from "generator", "state_dict" or "model", else the top level."""
+    """A torch pickle, loaded with `weights_only=True`; the state dict is taken from "generator", "state_dict" or
+    "model", else the top level. Wrapper names (`WRAPPER_NAMES`) are removed from the keys, then a prefix that every
+    key has (`STRIPPED_PREFIXES`). A distillation save without its generator (only "critic") is refused."""
     try:
         import torch
     except ImportError as e:
@@ -293,6 +299,9 @@ def open_torch_pickle(path: Path) -> TorchStateDictSource:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict at the top level of the torch checkpoint, got {type(obj).__name__}")
     found = next((name for name in STATE_DICT_KEYS if name in obj), None)
+    if found is None and "critic" in obj:
+        raise ValueError(f"{path}: holds a distillation 'critic' (the fake-score model) but no 'generator'; only the "
+                         "generator is a SANA-WM DiT to convert")
     if found is None:
         state = {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
         origin = "top level"
@@ -305,11 +314,18 @@ def open_torch_pickle(path: Path) -> TorchStateDictSource:
         if not_tensors:
             raise ValueError(f"{path}: {found!r} holds non-tensor entries {not_tensors[:5]}")
     if not state:
-        raise ValueError(f"{path}: no tensors found in the torch checkpoint ({origin})")
+        raise ValueError(f"{path}: no tensors found in the torch checkpoint ({origin}; its entries: "
+                         f"{sorted(map(str, obj))[:8]}); expected one of {list(STATE_DICT_KEYS)} or tensors")
     for key, value in state.items():
         if str(value.dtype).removeprefix("torch.") not in TORCH_DTYPE_NAMES:
             raise ValueError(f"{path}: unsupported dtype {value.dtype} for tensor {key!r}")
     description = f"torch checkpoint {path} ({origin}"
+    unwrapped = {re.sub("|".join(map(re.escape, WRAPPER_NAMES)), "", key): value for key, value in state.items()}
+    if len(unwrapped) != len(state):
+        raise ValueError(f"{path}: keys collide once the wrapper names {WRAPPER_NAMES} are removed")
+    if unwrapped.keys() != state.keys():
+        state = unwrapped
+        description += ", wrapper names removed"
     for prefix in STRIPPED_PREFIXES:
         if all(key.startswith(prefix) for key in state):
             state = {key.removeprefix(prefix): value for key, value in state.items()}

@@ -1,6 +1,7 @@
 """The SANA-WM DiT: config, Flax modules and checkpoint key map."""
 
 from sanawm_jax.models.sana_wm.checkpoint import (
+    checkpoint_mode,
     convert_state_dict,
     load_transformer,
     save_transformer,
@@ -17,6 +18,7 @@ __all__ = [
     "SanaWMConfig",
     "SanaWMTransformer",
     "abstract_params",
+    "checkpoint_mode",
     "convert_state_dict",
     "get_config",
     "init_params",

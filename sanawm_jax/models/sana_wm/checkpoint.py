@@ -1,5 +1,5 @@
-"""SANA-WM DiT checkpoints: the key maps of the released layouts, refusal of released checkpoints of other kinds, and
-saving/loading the DiT in our format.
+"""SANA-WM DiT checkpoints: the key maps of the released layouts, the kind of DiT a checkpoint holds (bidirectional,
+chunk-causal or streaming), refusal of released checkpoints of other models, and saving/loading the DiT in our format.
 
 Released layouts of the bidirectional DiT (every tensor's name and shape for the 2.6B model: `released_keys/`):
   * "diffusers": the state dict of diffusers' `SanaWMTransformer3DModel` (a `transformer/` folder).
@@ -8,6 +8,11 @@ Released layouts of the bidirectional DiT (every tensor's name and shape for the
     caption embedding `y_embedder.y_embedding` (what training's text dropout substitutes for the caption).
 Both hold the GDN buffer `blocks.N.attn.recall_gate`. The model uses neither `pos_embed` nor `recall_gate` (they are
 listed, not converted); the null caption embedding is kept beside the params (`load_null_caption_embedding`).
+The chunk-causal and streaming DiTs have the same tensors (one parameter layout, three modes; `detect_dit_kind`):
+  * chunk-causal: `SANA-WM_chunk_causal/dit/sana_wm_chunk_causal_1600m_720p.safetensors`, the "nvlabs" layout, with
+    `config.yaml` (chunk-causal attention, chunk_size 3) at the repository root.
+  * streaming: `SANA-WM_streaming/sana_dit/model.pt`, a torch pickle {"generator": the "nvlabs" layout with the
+    prefix "model.", "critic": the distillation's fake-score model, ...}; the generator is converted.
 
 Naming: the Flax tree mirrors the diffusers module path, with `blocks.N` -> `blocks_N`, three wrapper modules folded
 away (`t_block.1`, `y_embedder.y_proj`, the `.conv` inside FFN conv layers), and `weight` -> `kernel` (Linear, Conv)
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -57,13 +63,18 @@ RELEASED_TEXT_TOKENS = 300
 RELEASED_POS_EMBED_GRID = 720 // 32
 
 # Other released checkpoints, recognised to refuse them by name.
-NOT_SUPPORTED = "converting it is not supported yet"
+REFINER_ADVICE = "give its release folder as the refiner (--refiner), not as the DiT"
+VAE_ADVICE = "give it as the VAE (--vae), not as the DiT"
 OTHER_DIFFUSERS_CLASSES = {  # _class_name: (what it is, what to do)
-    "SanaWMLTX2RefinerTransformer3DModel": ("a SANA-WM stage-2 refiner transformer folder", NOT_SUPPORTED),
-    "LTX2TextConnectors": ("a SANA-WM refiner text-connector folder", NOT_SUPPORTED),
-    "AutoencoderKLLTX2Video": ("an LTX-2 video VAE folder", "give it as the VAE (--vae), not as the DiT"),
+    "SanaWMLTX2RefinerTransformer3DModel": ("a SANA-WM stage-2 refiner transformer folder", REFINER_ADVICE),
+    "LTX2TextConnectors": ("a SANA-WM refiner text-connector folder", REFINER_ADVICE),
+    "AutoencoderKLLTX2Video": ("an LTX-2 video VAE folder", VAE_ADVICE),
+    "AutoencoderKLCausalLTX2Video": ("a causal LTX-2 video VAE folder (the streaming release's ltx2_causal_vae)",
+                                     VAE_ADVICE),
 }
-STREAMING_PICKLE_KEYS = ("critic", "denoising_step_list")
+# The streaming release's sana_dit/model.pt is the distillation trainer's save: {"generator": state dict,
+# "critic": state dict, ...}; its generator is the streaming student (`torch_sources` takes it).
+GENERATOR_KEY = "generator"
 
 
 def torch_key(path: tuple[str, ...], layout: str = "diffusers") -> str:
@@ -114,15 +125,27 @@ def released_table(layout: str) -> dict[str, tuple[int, ...]]:
     return {name: tuple(shape) for name, shape in table["tensors"].items()}
 
 
-def _variant(fields: dict) -> str | None:
-    """"streaming" or "chunk-causal" when a config (diffusers config.json or the `model:` section of an NVlabs
-    config.yaml) describes that variant of the DiT, else None."""
+class DiTKind(NamedTuple):
+    """What a released DiT checkpoint says about its kind: `mode` (one of `config.MODES`, None when nothing says),
+    the `evidence` for it, and config fields it fixes (`chunk_frames` from a config's chunk_size)."""
+
+    mode: str | None
+    evidence: str | None = None
+    fields: dict | None = None
+
+
+def _kind_of_config(fields: dict, evidence: str) -> DiTKind:
+    """The kind a config describes (a diffusers config.json, or the `model:` section of an NVlabs config.yaml):
+    "streaming" for the streaming model class, its cached FFN or causal RoPE; "chunk_causal" for chunk-causal
+    attention or a chunk size; else no statement."""
     text = " ".join(str(fields.get(name, "")) for name in ("model", "attn_type", "camctrl_type", "ffn_type"))
+    chunk = fields.get("chunk_size")
+    chunk_fields = {"chunk_frames": chunk} if isinstance(chunk, int) else {}
     if "Streaming" in text or "Cached" in text or fields.get("pos_embed_type") == "casual_wan_rope":
-        return "streaming"
-    if "ChunkCausal" in text or fields.get("chunk_size") is not None:
-        return "chunk-causal"
-    return None
+        return DiTKind("streaming", evidence, chunk_fields)
+    if "ChunkCausal" in text or chunk is not None:
+        return DiTKind("chunk_causal", evidence, chunk_fields)
+    return DiTKind(None)
 
 
 def _nvlabs_config_fields(path: Path) -> dict:
@@ -141,10 +164,15 @@ def _nvlabs_config_fields(path: Path) -> dict:
     return {}
 
 
-def check_bidirectional_dit(source) -> None:
-    """Raise a one-line ValueError naming what `source` is when it is a released checkpoint of another kind than the
-    bidirectional DiT: another diffusers class (refiner, text connectors, VAE), a streaming `model.pt`, or a
-    chunk-causal / streaming DiT (known by its config.json, the NVlabs config.yaml beside it, or its file name)."""
+def detect_dit_kind(source) -> DiTKind:
+    """The kind of DiT a `TensorSource` holds. The three released DiTs have the same tensors (NVlabs' chunk-causal
+    and streaming modules keep the bidirectional names), so the kind comes from around them: a torch pickle with a
+    "generator" state dict (the streaming release's model.pt), the config (diffusers config.json, or the NVlabs
+    config.yaml beside a flat file), else the released file name (`sana_wm_chunk_causal_1600m_720p.safetensors`).
+
+    Raises a one-line ValueError naming what `source` is when it is a released checkpoint of another kind than a
+    DiT (refiner, text connectors, VAE; a pickle without a generator is refused by `torch_sources`).
+    """
     where = source.path if source.path is not None else source.description
     config = source.config or {}
     class_name = config.get("_class_name", DIFFUSERS_CLASS)
@@ -153,16 +181,28 @@ def check_bidirectional_dit(source) -> None:
         raise ValueError(f"{where} is {what} ({class_name} in config.json); {advice}")
     if class_name != DIFFUSERS_CLASS:
         raise ValueError(f"{where} is a diffusers {class_name} folder, not the SANA-WM DiT ({DIFFUSERS_CLASS})")
-    if set(STREAMING_PICKLE_KEYS) & set(source.top_level):
-        raise ValueError(f"{where} is a SANA-WM streaming checkpoint (model.pt with generator/critic); {NOT_SUPPORTED}")
-    variant, evidence = _variant(config), "config.json"
-    if variant is None and source.config is None and source.path is not None and source.path.is_file():
-        variant, evidence = _variant(_nvlabs_config_fields(source.path)), "its config.yaml"
+    if GENERATOR_KEY in source.top_level:
+        return DiTKind("streaming", f"its {GENERATOR_KEY!r} state dict, the distillation trainer's save")
+    kind = _kind_of_config(config, "config.json")
+    if kind.mode is None and source.config is None and source.path is not None and source.path.is_file():
+        kind = _kind_of_config(_nvlabs_config_fields(source.path), "its config.yaml")
         name = source.path.name
-        if variant is None and ("chunk_causal" in name or "streaming" in name):
-            variant, evidence = ("chunk-causal" if "chunk_causal" in name else "streaming"), "file name"
-    if variant is not None:
-        raise ValueError(f"{where} is a SANA-WM {variant} DiT checkpoint (by {evidence}); {NOT_SUPPORTED}")
+        if kind.mode is None and ("chunk_causal" in name or "streaming" in name):
+            kind = DiTKind("chunk_causal" if "chunk_causal" in name else "streaming", "file name")
+    return kind
+
+
+def resolve_mode(source, requested: str | None) -> DiTKind:
+    """The kind to convert `source` as: what it says, else `requested`, else "bidirectional". A `requested` mode
+    that contradicts what the checkpoint says raises a one-line ValueError."""
+    kind = detect_dit_kind(source)
+    if kind.mode is None:
+        return DiTKind(requested or "bidirectional", "--mode" if requested else "default: nothing says otherwise")
+    if requested is not None and requested != kind.mode:
+        where = source.path if source.path is not None else source.description
+        raise ValueError(f"{where} is a SANA-WM {kind.mode} DiT checkpoint (by {kind.evidence}); it cannot be "
+                         f"converted as mode={requested}")
+    return kind
 
 
 def convert_transformer(source, config: SanaWMConfig, log=print) -> tuple[dict, np.ndarray | None]:
@@ -195,14 +235,25 @@ def load_null_caption_embedding(ckpt_dir) -> np.ndarray | None:
     return np.load(path) if path.is_file() else None
 
 
+def checkpoint_mode(ckpt_dir) -> str:
+    """The mode ("bidirectional", "chunk_causal" or "streaming") of the DiT in a checkpoint written by
+    `convert_torch_weights.py`: the kind of released weights it was converted from (the default for `--mode`)."""
+    return SanaWMConfig.from_dict(store.read_config(store.component_dir(ckpt_dir, TRANSFORMER_DIR))).mode
+
+
 def load_transformer(ckpt_dir, sharding=None, **config_overrides) -> tuple[SanaWMTransformer, dict]:
     """Restore `(model, params)` from a checkpoint written by `convert_torch_weights.py` (its `transformer/`, or a
     transformer-only directory).
 
     config_overrides replace config fields (e.g. `param_dtype="bfloat16"` casts on restore, `dtype`, `gdn_impl`,
     `attention_impl`, `remat`); `sharding` as in `store.restore_params`. Saved shapes that differ from the config's
-    raise a one-line ValueError naming the first mismatching parameter.
+    raise a one-line ValueError naming the first mismatching parameter; so does a `mode` other than the saved one
+    (weights of one kind are not a model of another: see `checkpoint_mode`).
     """
     model_dir = store.component_dir(ckpt_dir, TRANSFORMER_DIR)
-    config = SanaWMConfig.from_dict(store.read_config(model_dir)).replace(**config_overrides)
+    saved = SanaWMConfig.from_dict(store.read_config(model_dir))
+    config = saved.replace(**config_overrides)
+    if config.mode != saved.mode:
+        raise ValueError(f"{model_dir} holds a {saved.mode} DiT (converted from a {saved.mode} checkpoint); it cannot "
+                         f"be loaded with mode={config.mode}: use --mode {saved.mode} or a {config.mode} checkpoint")
     return SanaWMTransformer(config), store.restore_params(model_dir, abstract_params(config), sharding)
