@@ -9,6 +9,7 @@ magnitude ~3 (measured ~2e-6: the same convolutions over different frame ranges,
 from __future__ import annotations
 
 import json
+import time
 
 import chex
 import numpy as np
@@ -126,12 +127,24 @@ def test_chunk_of_another_grid_is_refused(converted, latents):
         decoder.decode_chunk(params, latents[:, :4], cache)
 
 
-def test_progressive_mp4_holds_every_appended_frame(chunked_frames, tmp_path):
+def decoded_frame_count(path) -> int:
+    try:
+        return read_video_window(path, 0, 0)[1]
+    except OSError:  # nothing decodable written yet
+        return 0
+
+
+def test_progressive_mp4_is_playable_while_written_and_holds_every_frame(chunked_frames, tmp_path):
     path = tmp_path / "stream.mp4"
     blocks = [video_to_uint8(chunk[0]) for chunk in chunked_frames]
-    with VideoWriter(path, fragmented=True, crf=0, pix_fmt="yuv444p") as writer:
+    with VideoWriter(path, progressive=True, crf=0, pix_fmt="yuv444p") as writer:
         for block in blocks:
             writer.append(block)
+        # Before the writer closes, the frames of the first block decode (ffmpeg runs asynchronously: wait for it).
+        deadline = time.monotonic() + 60
+        while decoded_frame_count(path) < len(blocks[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert decoded_frame_count(path) >= len(blocks[0])
     frames, total, size = read_video_window(path, 0, 1000)
     expected = np.concatenate(blocks)
     assert total == writer.num_frames == len(expected) and size == (64, 96)

@@ -41,10 +41,13 @@ def read_video_window(path: str | Path, start: int, count: int) -> tuple[np.ndar
 
 
 class VideoWriter:
-    """Progressive H.264 mp4 encoding: frames are handed to ffmpeg as they are appended, so a long video is never
-    held in memory. The frame size is fixed by the first `append`. `fragmented` writes a fragmented mp4 (each
-    keyframe starts a fragment), which players can open while it is still being written; otherwise the index is
-    written when the file is closed. Identical inputs give identical files.
+    """H.264 mp4 encoding frame by frame: frames are handed to ffmpeg as they are appended, so a long video is never
+    held in memory. The frame size is fixed by the first `append`. Identical inputs give identical files.
+
+    `progressive` makes the file playable while it is being written, for watching a stream as it is generated: a
+    fragmented mp4 with a keyframe (a new fragment) every second, no encoder lookahead (x264 `zerolatency`, so each
+    frame is encoded when it arrives) and every packet flushed to disk; it compresses less well. Otherwise the file
+    is readable once closed.
 
         with VideoWriter("out.mp4") as writer:
             for block in blocks:          # (n, H, W, 3) uint8 each
@@ -54,8 +57,8 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | Path, fps: float = DEFAULT_FPS, crf: int = 10, pix_fmt: str = "yuv420p",
-                 fragmented: bool = False):
-        self.path, self.fps, self.crf, self.pix_fmt, self.fragmented = Path(path), fps, crf, pix_fmt, fragmented
+                 progressive: bool = False):
+        self.path, self.fps, self.crf, self.pix_fmt, self.progressive = Path(path), fps, crf, pix_fmt, progressive
         self.size: tuple[int, int] | None = None  # (H, W) once the first frames arrived
         self.num_frames = 0
         self._writer = None
@@ -78,8 +81,9 @@ class VideoWriter:
         if self.pix_fmt == "yuv420p" and (height % 2 or width % 2):
             raise ValueError(f"yuv420p needs even frame sizes, got {height}x{width}")
         output_params = ["-crf", str(self.crf), "-fflags", "+bitexact", "-map_metadata", "-1"]
-        if self.fragmented:
-            output_params += ["-movflags", "frag_keyframe+empty_moov+default_base_moof"]
+        if self.progressive:
+            output_params += ["-movflags", "frag_keyframe+empty_moov+default_base_moof", "-g", str(round(self.fps)),
+                              "-tune", "zerolatency", "-flush_packets", "1"]
         self._writer = imageio_ffmpeg.write_frames(
             str(self.path),
             (width, height),
