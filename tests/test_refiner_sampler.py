@@ -20,7 +20,7 @@ from sanawm_jax.models.refiner.checkpoint import convert_connectors, convert_ref
 from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
 from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
 from sanawm_jax.models.refiner.sampler import block_bounds, refine_latents
-from sanawm_jax.models.refiner.transformer import RefinerTransformer
+from sanawm_jax.models.refiner.transformer import KVPrefix, RefinerTransformer
 from tests.conftest import randomize_
 from tests.test_refiner_transformer import build_oracle, relative_l2
 
@@ -103,3 +103,61 @@ def test_refinement_matches_diffusers_pipeline(refiner_oracle, num_frames, kv_ma
     ours = np.moveaxis(np.asarray(ours), -1, 1)
     np.testing.assert_array_equal(ours[:, :, :1], stage1[:, :, :1].astype(np.float32))
     assert relative_l2(ours[:, :, 1:], expected[:, :, 1:]) <= TOL
+
+
+@pytest.fixture(scope="module")
+def tiny_refiner():
+    """The demo's tiny refiner (random weights) with a random prompt encoding."""
+    from sanawm_jax.demo import demo_refiner
+
+    refiner = demo_refiner(seed=3, latent_channels=8)
+    text, mask = refiner.text_encoder.encode("a cat")
+    return refiner.model, refiner.params, text, mask
+
+
+def clip(frames, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((1, frames, 2, 3, 8)).astype(np.float32) for _ in range(2)]
+
+
+def test_stream_fed_in_pieces_equals_whole_clip_refinement(tiny_refiner):
+    """Streaming (stage-1 frames arriving in uneven pieces) refines exactly what the whole-clip sampler does,
+    window trimming included (7 frames, a window of 3 keeps 2 of the first block's 3 frames)."""
+    from sanawm_jax.models.refiner.sampler import RefinerStream
+
+    model, params, text, mask = tiny_refiner
+    latents, noise = clip(7)
+    whole = np.asarray(refine_latents(model, params, latents, text, mask, noise, fps=FPS, kv_max_frames=3))
+    stream = RefinerStream(model, params, text, mask, fps=FPS, kv_max_frames=3)
+    pieces, start = [], 0
+    for size in (1, 2, 3, 1):
+        pieces += stream.push(latents[:, start:start + size], noise[:, start:start + size])
+        start += size
+    pieces += stream.finish()
+    assert [(a, b) for a, b, _ in pieces] == [(0, 1), (1, 4), (4, 7)]
+    streamed = np.concatenate([np.asarray(frames) for _, _, frames in pieces], axis=1)
+    np.testing.assert_allclose(streamed, whole, rtol=0, atol=1e-6)
+
+
+def test_one_block_over_the_clip_is_the_sink_bidirectional_refiner(tiny_refiner):
+    """With one block covering every frame after the sink, the chunk-causal refiner is the sink-bidirectional one:
+    all frames denoised jointly, attending to the pre-RoPE sink rotated at frame 0. With blocks of 3 it is not
+    (later blocks see refined history, earlier ones do not see later frames)."""
+    from sanawm_jax.models.refiner.sampler import DISTILLED_SIGMAS, forward, frame_rope
+
+    model, params, text, mask = tiny_refiner
+    latents, noise = clip(7, seed=1)
+    config = model.config
+    apply = lambda x, sigma, frames, prefix=None, capture=None: forward(
+        model, params, x.reshape(1, -1, 8), text, np.full((1, x[0].size // 8), sigma * 1000, np.float32),
+        frame_rope(config, frames, 2, 3, FPS), mask, prefix, capture=capture)
+    _, (sink_k, sink_v) = apply(latents[:, :1], 0.0, [0], capture="pre_rope")
+    prefix = KVPrefix(sink_k, sink_v, frame_rope(config, [0], 2, 3, FPS))
+    sigmas = np.asarray(DISTILLED_SIGMAS, np.float32)
+    x = (1 - sigmas[0]) * latents[:, 1:] + sigmas[0] * noise[:, 1:]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (sigma_next - sigma) * np.asarray(apply(x, sigma, range(1, 7), prefix)).reshape(x.shape)
+    one_block = np.asarray(refine_latents(model, params, latents, text, mask, noise, fps=FPS, block_size=6))
+    np.testing.assert_allclose(one_block[:, 1:], x, rtol=0, atol=1e-5)
+    blocks_of_3 = np.asarray(refine_latents(model, params, latents, text, mask, noise, fps=FPS))
+    assert np.abs(blocks_of_3[:, 4:] - x[:, 3:]).max() > 1e-3

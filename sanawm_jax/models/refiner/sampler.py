@@ -16,6 +16,7 @@ Latents are channels-last (B, F, H, W, C) float32; `noise` has the same shape (f
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
@@ -46,63 +47,131 @@ def frame_rope(config, frames, height: int, width: int, fps: float):
     return rope_tables(fractions, config.inner_dim, config.rope_theta, config.rope_type, config.num_attention_heads)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "capture"))
+def forward(model: RefinerTransformer, params, tokens, text, timesteps, rope, text_mask, prefix, capture=None):
+    """`model.apply` compiled once per model, shapes and capture mode (shared by every stream)."""
+    return model.apply({"params": params}, tokens, text, timesteps, rope, text_mask, prefix, capture=capture)
+
+
+class RefinerStream:
+    """Chunk-causal refinement fed incrementally, as the streaming pipeline runs it (NVlabs/Sana's
+    `--refiner_block_size 3 --refiner_kv_max_frames 11`): `push` stage-1 latent frames as they are produced and
+    get back every block that became complete; `finish` refines the last, shorter block. Pushing a clip in any
+    pieces returns what `refine_latents` returns for the whole clip.
+
+    Holds the sink K/V, the trimmed history K/V and the frames not yet refined. Frames are (B, n, H, W, C) float32,
+    each with its re-noising draw of the same shape.
+    """
+
+    def __init__(self, model: RefinerTransformer, params, text, text_mask, *, fps: float, sigmas=DISTILLED_SIGMAS,
+                 sink_size: int = SINK_SIZE, block_size: int = BLOCK_SIZE, kv_max_frames: int = KV_MAX_FRAMES):
+        if len(sigmas) < 2 or sigmas[-1] != 0.0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"sigmas must be descending and end at 0.0, got {sigmas}")
+        if sink_size < 1 or block_size < 1:
+            raise ValueError(f"sink_size and block_size must be positive, got {sink_size} and {block_size}")
+        self.model, self.params, self.text, self.text_mask, self.fps = model, params, text, text_mask, fps
+        self.sigmas = np.asarray(sigmas, np.float32)
+        self.sink_size, self.block_size, self.max_history = sink_size, block_size, kv_max_frames - sink_size
+        self.frames = 0  # stage-1 frames received
+        self._pending = self._pending_noise = None  # received, not yet refined
+        self._sink = None  # (k, v) before RoPE
+        self._history = None  # (k, v) after RoPE
+        self._history_frames = 0
+
+    def _forward(self, x, sigma, rope, prefix, capture=None):
+        batch, frames, height, width, channels = x.shape
+        tokens = x.reshape(batch, -1, channels)
+        timesteps = jnp.full(tokens.shape[:2], sigma * np.float32(self.model.config.timestep_scale_multiplier),
+                             jnp.float32)
+        return forward(self.model, self.params, tokens, self.text, timesteps, rope, self.text_mask, prefix,
+                       capture=capture)
+
+    def _rope(self, frames, x):
+        return frame_rope(self.model.config, frames, x.shape[2], x.shape[3], self.fps)
+
+    def push(self, latents, noise) -> list[tuple[int, int, jax.Array]]:
+        """Append stage-1 frames (and their noise) -> [(start, end, frames)] refined or passed through (the sink,
+        unchanged) by this call, in order."""
+        if noise.shape != latents.shape:
+            raise ValueError(f"noise shape {noise.shape} differs from the latents' {latents.shape}")
+        latents, noise = jnp.asarray(latents, jnp.float32), jnp.asarray(noise, jnp.float32)
+        start = self.frames
+        self.frames += latents.shape[1]
+        if self._pending is not None:
+            start -= self._pending.shape[1]
+            latents = jnp.concatenate([self._pending, latents], axis=1)
+            noise = jnp.concatenate([self._pending_noise, noise], axis=1)
+        out = []
+        if self._sink is None:
+            if latents.shape[1] < self.sink_size:
+                self._pending, self._pending_noise = latents, noise
+                return out
+            sink = latents[:, :self.sink_size]
+            _, self._sink = self._forward(sink, np.float32(0), self._rope(range(self.sink_size), sink), None,
+                                          capture="pre_rope")
+            out.append((0, self.sink_size, sink))
+            latents, noise, start = latents[:, self.sink_size:], noise[:, self.sink_size:], self.sink_size
+        while latents.shape[1] >= self.block_size:
+            out.append(self._refine_block(start, latents[:, :self.block_size], noise[:, :self.block_size]))
+            latents, noise, start = latents[:, self.block_size:], noise[:, self.block_size:], start + self.block_size
+        self._pending, self._pending_noise = (latents, noise) if latents.shape[1] else (None, None)
+        return out
+
+    def finish(self) -> list[tuple[int, int, jax.Array]]:
+        """Refine the frames left over (fewer than a block) -> [(start, end, frames)] or []."""
+        if self._sink is None:
+            raise ValueError(f"the clip has {self.frames} frames but sink_size={self.sink_size}")
+        if self._pending is None:
+            return []
+        start = self.frames - self._pending.shape[1]
+        out = [self._refine_block(start, self._pending, self._pending_noise)]
+        self._pending = self._pending_noise = None
+        return out
+
+    def _refine_block(self, start: int, clean, noise) -> tuple[int, int, jax.Array]:
+        end = start + clean.shape[1]
+        offset = start - self._history_frames - self.sink_size
+        history_k, history_v = self._history or (None, None)
+        prefix = KVPrefix(*self._sink, self._rope(range(offset, offset + self.sink_size), clean), history_k,
+                          history_v)
+        rope = self._rope(range(start, end), clean)
+        sigmas = self.sigmas
+        x = (1.0 - sigmas[0]) * clean + sigmas[0] * noise
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            velocity = self._forward(x, sigma, rope, prefix).astype(jnp.float32).reshape(x.shape)
+            x = euler_update(x, x - velocity * sigma, sigma, sigma_next)
+        _, (new_k, new_v) = self._forward(x, np.float32(0), rope, prefix, capture="post_rope")
+        if self._history is not None:
+            new_k = jnp.concatenate([history_k, new_k], axis=2)
+            new_v = jnp.concatenate([history_v, new_v], axis=2)
+        self._history_frames += end - start
+        if 0 < self.max_history < self._history_frames:
+            keep = self.max_history * clean.shape[2] * clean.shape[3]
+            new_k, new_v = new_k[:, :, -keep:], new_v[:, :, -keep:]
+            self._history_frames = self.max_history
+        self._history = (new_k, new_v)
+        return start, end, x
+
+
 def refine_latents(model: RefinerTransformer, params, latents, text, text_mask, noise, *, fps: float,
-           sigmas=DISTILLED_SIGMAS, sink_size: int = SINK_SIZE, block_size: int = BLOCK_SIZE,
-           kv_max_frames: int = KV_MAX_FRAMES, on_block=None, progress: bool = False):
+                   sigmas=DISTILLED_SIGMAS, sink_size: int = SINK_SIZE, block_size: int = BLOCK_SIZE,
+                   kv_max_frames: int = KV_MAX_FRAMES, progress: bool = False):
     """Refine stage-1 latents (B, F, H, W, C) -> refined latents of the same shape (frames < sink_size unchanged).
 
     text (B, L, D) / text_mask (B, L): the connectors' output for the prompt. sigmas: descending, ending at 0.
-    kv_max_frames <= sink_size keeps the whole history. on_block(start, end, block) is called after each block
-    (streaming callers write frames as they come). `progress` shows a bar over the blocks on stderr.
+    kv_max_frames <= sink_size keeps the whole history. `progress` shows a bar over the blocks on stderr.
     """
-    config = model.config
-    batch, num_frames, height, width, channels = latents.shape
+    num_frames = latents.shape[1]
     if num_frames <= sink_size:
         raise ValueError(f"stage-1 latents have {num_frames} frames but sink_size={sink_size}")
-    if noise.shape != latents.shape:
-        raise ValueError(f"noise shape {noise.shape} differs from the latents' {latents.shape}")
-    if len(sigmas) < 2 or sigmas[-1] != 0.0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"sigmas must be descending and end at 0.0, got {sigmas}")
-    sigmas = np.asarray(sigmas, np.float32)
-    tokens_per_frame = height * width
-    max_history = kv_max_frames - sink_size
-    tokens = lambda x: x.reshape(batch, -1, channels)
-    apply = jax.jit(model.apply, static_argnames="capture")
-
-    def forward(x, sigma, rope, prefix, capture=None):
-        timesteps = jnp.full(x.shape[:2], sigma * np.float32(config.timestep_scale_multiplier), jnp.float32)
-        return apply({"params": params}, x, text, timesteps, rope, text_mask, prefix, capture=capture)
-
-    latents = jnp.asarray(latents, jnp.float32)
-    _, (sink_k, sink_v) = forward(tokens(latents[:, :sink_size]), sigma=jnp.float32(0),
-                                  rope=frame_rope(config, range(sink_size), height, width, fps), prefix=None,
-                                  capture="pre_rope")
-    history_k = history_v = None
-    history_frames = 0
-    refined = [latents[:, :sink_size]]
+    stream = RefinerStream(model, params, text, text_mask, fps=fps, sigmas=sigmas, sink_size=sink_size,
+                           block_size=block_size, kv_max_frames=kv_max_frames)
+    pieces = stream.push(latents[:, :sink_size], noise[:, :sink_size])
     bounds = block_bounds(num_frames, sink_size, block_size)
     for start, end in tqdm(bounds, desc="refining blocks", disable=not progress, file=sys.stderr):
-        offset = start - history_frames - sink_size
-        prefix = KVPrefix(sink_k, sink_v, frame_rope(config, range(offset, offset + sink_size), height, width, fps),
-                          history_k, history_v)
-        rope = frame_rope(config, range(start, end), height, width, fps)
-        x = (1.0 - sigmas[0]) * latents[:, start:end] + sigmas[0] * jnp.asarray(noise[:, start:end], jnp.float32)
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            velocity = forward(tokens(x), sigma=sigma, rope=rope, prefix=prefix).astype(jnp.float32)
-            denoised = tokens(x) - velocity * sigma
-            x = euler_update(tokens(x), denoised, sigma, sigma_next).reshape(x.shape)
-        _, (new_k, new_v) = forward(tokens(x), sigma=jnp.float32(0), rope=rope, prefix=prefix, capture="post_rope")
-        history_k = new_k if history_k is None else jnp.concatenate([history_k, new_k], axis=2)
-        history_v = new_v if history_v is None else jnp.concatenate([history_v, new_v], axis=2)
-        history_frames += end - start
-        if 0 < max_history < history_frames:
-            keep = max_history * tokens_per_frame
-            history_k, history_v = history_k[:, :, -keep:], history_v[:, :, -keep:]
-            history_frames = max_history
-        refined.append(x)
-        if on_block is not None:
-            on_block(start, end, x)
-    return jnp.concatenate(refined, axis=1)
+        pieces += stream.push(latents[:, start:end], noise[:, start:end])
+    pieces += stream.finish()
+    return jnp.concatenate([frames for _, _, frames in pieces], axis=1)
 
 
 def euler_update(x, denoised, sigma, sigma_next):
