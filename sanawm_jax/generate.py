@@ -30,7 +30,7 @@ from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.gemma.encoder import PromptEmbeddings, TextEncoder
 from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
 from sanawm_jax.models.refiner.release import load_refiner_components
-from sanawm_jax.models.refiner.sampler import SINK_SIZE, refine_latents
+from sanawm_jax.models.refiner.sampler import SINK_SIZE, RefinerStream, frame_noise, refine_latents
 from sanawm_jax.models.refiner.transformer import RefinerTransformer
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
 
@@ -207,6 +207,12 @@ class Refiner:
         """`ckpt_dir/refiner/` (or a refiner-only directory) written by convert_torch_weights.py --refiner."""
         return cls(*load_refiner_components(ckpt_dir, sharding, dtype=dtype))
 
+    def start_stream(self, prompt: str, *, fps: float = DEFAULT_FPS, seed: int = 42) -> RefinerStream:
+        """A chunk-causal stream for refining stage-1 latents (1, n, h, w, C) pushed block by block as they are
+        produced (`push`, then `finish`); it refines what `refine` does for the whole clip with the same seed."""
+        text, mask = self.text_encoder.encode(prompt)
+        return RefinerStream(self.model, self.params, text, mask, fps=fps, key=jax.random.key(seed))
+
 
 def refine(world: WorldModel, refiner: Refiner, result: GenerationResult, prompt: str, *, fps: float = DEFAULT_FPS,
            seed: int = 42, progress: bool = True) -> GenerationResult:
@@ -215,7 +221,7 @@ def refine(world: WorldModel, refiner: Refiner, result: GenerationResult, prompt
     report_stage("encoding the prompt for the refiner", progress)
     text, mask = refiner.text_encoder.encode(prompt)
     latents = jnp.asarray(result.latents)[None]
-    noise = jax.random.normal(jax.random.key(seed), latents.shape, jnp.float32)
+    noise = frame_noise(jax.random.key(seed), latents.shape)
     report_stage("refining", progress)
     refined = refine_latents(refiner.model, refiner.params, latents, text, mask, noise, fps=fps, progress=progress)
     video = vae.decode_tiled(world.vae_params, refined, world.vae_config,

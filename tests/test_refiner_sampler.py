@@ -121,17 +121,22 @@ def clip(frames, seed=0):
 
 
 def test_stream_fed_in_pieces_equals_whole_clip_refinement(tiny_refiner):
-    """Streaming (stage-1 frames arriving in uneven pieces) refines exactly what the whole-clip sampler does,
-    window trimming included (7 frames, a window of 3 keeps 2 of the first block's 3 frames)."""
-    from sanawm_jax.models.refiner.sampler import RefinerStream
+    """Streaming (stage-1 frames arriving in uneven pieces, noise drawn by the stream from its key) refines exactly
+    what the whole-clip sampler does with the same key's frame noise, window trimming included (7 frames, a window
+    of 3 keeps 2 of the first block's 3 frames)."""
+    import jax
+
+    from sanawm_jax.models.refiner.sampler import RefinerStream, frame_noise
 
     model, params, text, mask = tiny_refiner
-    latents, noise = clip(7)
-    whole = np.asarray(refine_latents(model, params, latents, text, mask, noise, fps=FPS, kv_max_frames=3))
-    stream = RefinerStream(model, params, text, mask, fps=FPS, kv_max_frames=3)
+    latents, _ = clip(7)
+    key = jax.random.key(5)
+    whole = np.asarray(refine_latents(model, params, latents, text, mask, frame_noise(key, latents.shape), fps=FPS,
+                                      kv_max_frames=3))
+    stream = RefinerStream(model, params, text, mask, fps=FPS, kv_max_frames=3, key=key)
     pieces, start = [], 0
     for size in (1, 2, 3, 1):
-        pieces += stream.push(latents[:, start:start + size], noise[:, start:start + size])
+        pieces += stream.push(latents[:, start:start + size])
         start += size
     pieces += stream.finish()
     assert [(a, b) for a, b, _ in pieces] == [(0, 1), (1, 4), (4, 7)]

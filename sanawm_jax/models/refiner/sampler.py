@@ -12,6 +12,8 @@ refined block under the same prefix.
     latents = refine_latents(RefinerTransformer(config), params, latents, text, text_mask, noise, fps=16.0)
 
 Latents are channels-last (B, F, H, W, C) float32; `noise` has the same shape (frames < sink_size are not read).
+`frame_noise(key, ...)` draws each frame's noise from its own index, so a stream given the key (`RefinerStream(...,
+key=key)`, pushed latents only) and the whole clip given `frame_noise(key, shape)` refine alike.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class RefinerStream:
     """
 
     def __init__(self, model: RefinerTransformer, params, text, text_mask, *, fps: float, sigmas=DISTILLED_SIGMAS,
-                 sink_size: int = SINK_SIZE, block_size: int = BLOCK_SIZE, kv_max_frames: int = KV_MAX_FRAMES):
+                 sink_size: int = SINK_SIZE, block_size: int = BLOCK_SIZE, kv_max_frames: int = KV_MAX_FRAMES,
+                 key=None):
         if len(sigmas) < 2 or sigmas[-1] != 0.0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
             raise ValueError(f"sigmas must be descending and end at 0.0, got {sigmas}")
         if sink_size < 1 or block_size < 1:
@@ -72,6 +75,7 @@ class RefinerStream:
         self.model, self.params, self.text, self.text_mask, self.fps = model, params, text, text_mask, fps
         self.sigmas = np.asarray(sigmas, np.float32)
         self.sink_size, self.block_size, self.max_history = sink_size, block_size, kv_max_frames - sink_size
+        self.key = key  # draws the noise of frames pushed without it (`frame_noise`)
         self.frames = 0  # stage-1 frames received
         self._pending = self._pending_noise = None  # received, not yet refined
         self._sink = None  # (k, v) before RoPE
@@ -89,9 +93,13 @@ class RefinerStream:
     def _rope(self, frames, x):
         return frame_rope(self.model.config, frames, x.shape[2], x.shape[3], self.fps)
 
-    def push(self, latents, noise) -> list[tuple[int, int, jax.Array]]:
-        """Append stage-1 frames (and their noise) -> [(start, end, frames)] refined or passed through (the sink,
-        unchanged) by this call, in order."""
+    def push(self, latents, noise=None) -> list[tuple[int, int, jax.Array]]:
+        """Append stage-1 frames (and their noise, else drawn from the stream's key) -> [(start, end, frames)]
+        refined or passed through (the sink, unchanged) by this call, in order."""
+        if noise is None:
+            if self.key is None:
+                raise ValueError("push needs noise, or a key given to the stream")
+            noise = frame_noise(self.key, latents.shape, self.frames)
         if noise.shape != latents.shape:
             raise ValueError(f"noise shape {noise.shape} differs from the latents' {latents.shape}")
         latents, noise = jnp.asarray(latents, jnp.float32), jnp.asarray(noise, jnp.float32)
@@ -172,6 +180,15 @@ def refine_latents(model: RefinerTransformer, params, latents, text, text_mask, 
         pieces += stream.push(latents[:, start:end], noise[:, start:end])
     pieces += stream.finish()
     return jnp.concatenate([frames for _, _, frames in pieces], axis=1)
+
+
+def frame_noise(key, shape, first_frame: int = 0):
+    """Standard normal noise (B, n, H, W, C) for latent frames first_frame .. first_frame + n - 1, each frame drawn
+    from `fold_in(key, frame index)` (the same frames get the same noise however a clip is split)."""
+    batch, frames, *rest = shape
+    draws = [jax.random.normal(jax.random.fold_in(key, first_frame + i), (batch, *rest), jnp.float32)
+             for i in range(frames)]
+    return jnp.stack(draws, axis=1)
 
 
 def euler_update(x, denoised, sigma, sigma_next):
