@@ -70,6 +70,48 @@ def sharded_forward(workdir: Path) -> dict:
     }
 
 
+@check
+def sharded_refiner_forward(workdir: Path) -> dict:
+    """The refiner transformer with parameters saved in parts (as the release converter writes them) and restored
+    FSDP-sharded over all four devices, against its unsharded forward."""
+    import jax
+    import numpy as np
+
+    from sanawm_jax.checkpoint import store
+    from sanawm_jax.checkpoint.keymap import flatten
+    from sanawm_jax.demo import random_params
+    from sanawm_jax.models.refiner.checkpoint import abstract_refiner_params
+    from sanawm_jax.models.refiner.config import REFINER_PRESETS
+    from sanawm_jax.models.refiner.sampler import forward, frame_rope
+    from sanawm_jax.models.refiner.transformer import RefinerTransformer
+    from sanawm_jax.parallel import fsdp_shardings, make_mesh
+
+    # 4 heads of 32: the 128 x 128 projections reach FSDP's 2^14-element threshold.
+    config = REFINER_PRESETS["ltx2_refiner_tiny"].replace(num_attention_heads=4, attention_head_dim=32,
+                                                          cross_attention_dim=128)
+    abstract = abstract_refiner_params(config)
+    params = jax.tree.map(np.asarray, random_params(abstract, np.random.default_rng(0)))
+    flat = flatten(params)
+    keys = sorted(flat)
+    store.save_params_in_parts(workdir / "refiner", [{k: flat[k] for k in keys[i::2]} for i in range(2)],
+                               config.to_dict())
+    sharded = store.restore_params(workdir / "refiner", abstract, fsdp_shardings(abstract, make_mesh(data=1, fsdp=4)))
+    rng = np.random.default_rng(1)
+    tokens = rng.standard_normal((2, 12, config.in_channels)).astype(np.float32)
+    text = rng.standard_normal((2, 5, config.caption_channels)).astype(np.float32)
+    timesteps = rng.uniform(0, 1000, (2, 12)).astype(np.float32)
+    rope = frame_rope(config, [1, 2], 2, 3, 16.0)
+    model = RefinerTransformer(config)
+    expected = np.asarray(forward(model, params, tokens, text, timesteps, rope, None, None))
+    out = np.asarray(forward(model, sharded, tokens, text, timesteps, rope, None, None))
+    split = [leaf for leaf in jax.tree.leaves(sharded) if not leaf.sharding.is_fully_replicated]
+    return {
+        "split_params": len(split),
+        "shards_per_split_param": sorted({len(leaf.addressable_shards) for leaf in split}),
+        "relative_l2": float(np.linalg.norm(out - expected) / np.linalg.norm(expected)),
+    }
+
+
 def main(results_path: str, workdir: str) -> None:
     import jax
 
