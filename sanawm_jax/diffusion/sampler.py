@@ -78,15 +78,10 @@ def guidance_conditioning(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "use_guidance"))
-def denoise_step(model, params, latents, timestep, sigmas, guidance_scale, conditioning: Conditioning, use_guidance):
-    """One sampling step at grid timestep `timestep` (scalar): latents (B, T, H, W, C) -> (B, T, H, W, C) float32.
-
-    Compiled once per (model, shapes, use_guidance): the timestep, σ grid and guidance scale are traced arguments.
-    """
-    b, t = latents.shape[:2]
-    # Frame 0 is the clean conditioning frame: timestep 0 for the model and no Euler move.
-    frame_timesteps = jnp.broadcast_to(jnp.where(jnp.arange(t) == 0, 0.0, timestep), (b, t)).astype(jnp.float32)
+def guided_velocity(model, params, latents, frame_timesteps, guidance_scale, conditioning: Conditioning,
+                    use_guidance):
+    """The model's velocity (B, T, H, W, C) float32 at per-frame timesteps (B, T), text-guided when `use_guidance`
+    (one call on the batch [unconditional; conditional])."""
     copies = 2 if use_guidance else 1
     velocity = model.apply(
         {"params": params},
@@ -100,6 +95,19 @@ def denoise_step(model, params, latents, timestep, sigmas, guidance_scale, condi
     if use_guidance:
         uncond, cond = jnp.split(velocity, 2, axis=0)
         velocity = uncond + guidance_scale * (cond - uncond)
+    return velocity
+
+
+@functools.partial(jax.jit, static_argnames=("model", "use_guidance"))
+def denoise_step(model, params, latents, timestep, sigmas, guidance_scale, conditioning: Conditioning, use_guidance):
+    """One sampling step at grid timestep `timestep` (scalar): latents (B, T, H, W, C) -> (B, T, H, W, C) float32.
+
+    Compiled once per (model, shapes, use_guidance): the timestep, σ grid and guidance scale are traced arguments.
+    """
+    b, t = latents.shape[:2]
+    # Frame 0 is the clean conditioning frame: timestep 0 for the model and no Euler move.
+    frame_timesteps = jnp.broadcast_to(jnp.where(jnp.arange(t) == 0, 0.0, timestep), (b, t)).astype(jnp.float32)
+    velocity = guided_velocity(model, params, latents, frame_timesteps, guidance_scale, conditioning, use_guidance)
     stepped = euler_step(latents, velocity, frame_timesteps, sigmas)
     return stepped.at[:, :1].set(latents[:, :1])
 
