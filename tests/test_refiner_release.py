@@ -69,7 +69,7 @@ def write_release(root, models, layout, drop=None):
     return refiner
 
 
-@pytest.mark.parametrize("layout", ["bidirectional", "streaming"])
+@pytest.mark.parametrize("layout", ["bidirectional", pytest.param("streaming", marks=pytest.mark.slow)])
 def test_release_layout_converts_in_parts_and_loads(tmp_path, release_models, layout):
     from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
     from sanawm_jax.models.refiner.checkpoint import convert_refiner

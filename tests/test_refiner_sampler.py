@@ -144,6 +144,7 @@ def test_stream_fed_in_pieces_equals_whole_clip_refinement(tiny_refiner):
     np.testing.assert_allclose(streamed, whole, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # the fast tier checks the block loop against diffusers and the stream against the whole clip
 def test_one_block_over_the_clip_is_the_sink_bidirectional_refiner(tiny_refiner):
     """With one block covering every frame after the sink, the chunk-causal refiner is the sink-bidirectional one:
     all frames denoised jointly, attending to the pre-RoPE sink rotated at frame 0. With blocks of 3 it is not
