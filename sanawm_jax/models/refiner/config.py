@@ -72,7 +72,7 @@ class RefinerConfig(FrozenConfig, DtypePolicy):
         unsupported = {
             "cross_attn_mod": False, "norm_elementwise_affine": False, "qk_norm": "rms_norm_across_heads",
             "activation_fn": "gelu-approximate", "use_prompt_embeddings": True, "perturbed_attn": False,
-            "use_keyframes_abs_pos_embedding": False,
+            "use_keyframes_abs_pos_embedding": False, "rope_double_precision": True,
         }
         for key, allowed in unsupported.items():
             if key in config and config[key] != allowed:
@@ -116,7 +116,8 @@ class ConnectorsConfig(FrozenConfig, DtypePolicy):
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], **overrides):
-        unsupported = {"per_modality_projections": False, "causal_temporal_positioning": False}
+        unsupported = {"per_modality_projections": False, "causal_temporal_positioning": False,
+                       "rope_double_precision": True}
         for key, allowed in unsupported.items():
             if key in config and config[key] != allowed:
                 raise ValueError(f"unsupported connectors config: {key}={config[key]!r} (expected {allowed!r})")
