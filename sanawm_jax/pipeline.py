@@ -85,7 +85,7 @@ def convert_pipeline(src, out_dir, config: SanaWMConfig | None = None, *, mode: 
         if source.config is None:
             raise ValueError(f"{source.description} carries no config.json: pass a config (e.g. --config sana_wm_2.6b)")
         config = SanaWMConfig.from_diffusers_config(source.config)
-    config = config.replace(mode=kind.mode, **(kind.fields or {}))
+    config = config.replace(**{**(kind.fields or {}), "mode": kind.mode})
     root = src if src.is_dir() else None
     default_vae = _present(root and root / VAE_DIR) or _present(root and root / CAUSAL_VAE_DIR)
     vae = _given(vae, "VAE") if vae else default_vae

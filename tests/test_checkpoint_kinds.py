@@ -41,10 +41,20 @@ DENOISING_STEPS = [1000, 960, 889, 727, 0]
 
 
 @pytest.fixture(scope="module")
-def nvlabs_state(tiny_oracle):
+def oracle(tiny_oracle):
+    return copy.deepcopy(tiny_oracle[0]).float()
+
+
+@pytest.fixture(scope="module")
+def nvlabs_state(oracle):
     """The tiny oracle's tensors under the released NVlabs names (pos_embed and null caption embedding included)."""
-    oracle, _ = tiny_oracle
-    return nvlabs_state_dict(copy.deepcopy(oracle).float(), released_tensor_shapes(PRESETS["sana_wm_tiny"])["nvlabs"])
+    return nvlabs_state_dict(oracle, released_tensor_shapes(PRESETS["sana_wm_tiny"])["nvlabs"])
+
+
+@pytest.fixture(scope="module")
+def released(nvlabs_state, oracle):
+    """What the source writers below take: the NVlabs-named state dict and the diffusers model."""
+    return nvlabs_state, oracle
 
 
 @pytest.fixture(scope="module")
@@ -62,30 +72,34 @@ def save_distillation_pickle(path, generator: dict, critic: dict | None):
     torch.save(payload, path)
 
 
-def chunk_causal_release(state, root):
+def chunk_causal_release(released, root):
     """SANA-WM_chunk_causal: dit/<file>.safetensors and config.yaml; converted from the repository folder."""
+    state, _ = released
     (root / "dit").mkdir(parents=True)
     save_file(state, str(root / "dit" / CHUNK_CAUSAL_FILE))
     (root / "config.yaml").write_text(json.dumps({"model": CHUNK_CAUSAL_YAML}))  # JSON is YAML
     return root
 
 
-def chunk_causal_file_alone(state, root):
+def chunk_causal_file_alone(released, root):
+    state, _ = released
     root.mkdir(parents=True)
     save_file(state, str(root / CHUNK_CAUSAL_FILE))
     return root / CHUNK_CAUSAL_FILE
 
 
-def streaming_release(state, root):
+def streaming_release(released, root):
     """SANA-WM_streaming: sana_dit/model.pt (generator and critic, keys prefixed "model.") and ltx2_causal_vae/."""
+    state, _ = released
     prefixed = {f"model.{name}": tensor for name, tensor in state.items()}
     save_distillation_pickle(root / "sana_dit" / "model.pt", prefixed, prefixed)
     write_causal_vae_folder(root / "ltx2_causal_vae")
     return root
 
 
-def streaming_pickle_with_wrapper_names(state, root):
+def streaming_pickle_with_wrapper_names(released, root):
     """A generator saved through FSDP and torch.compile wrappers without their names cleaned."""
+    state, _ = released
     wrapped = {f"_orig_mod.model._fsdp_wrapped_module.{name}": tensor for name, tensor in state.items()}
     save_distillation_pickle(root / "model.pt", wrapped, None)
     return root / "model.pt"
@@ -112,7 +126,19 @@ def convert(argv, capsys):
     return None, capsys.readouterr().err.splitlines()
 
 
-def unlabelled_file(state, root):
+def diffusers_folder(**fields):
+    """A diffusers transformer folder whose config.json has `fields` added."""
+    def make(released, root):
+        _, oracle = released
+        oracle.save_pretrained(root)
+        config = json.loads((root / "config.json").read_text())
+        (root / "config.json").write_text(json.dumps({**config, **fields}))
+        return root
+    return make
+
+
+def unlabelled_file(released, root):
+    state, _ = released
     root.mkdir(parents=True)
     save_file(state, str(root / "dit.safetensors"))
     return root / "dit.safetensors"
@@ -126,16 +152,19 @@ SOURCES = {
     "streaming-wrapper-names": (streaming_pickle_with_wrapper_names, [], "streaming"),
     "unlabelled": (unlabelled_file, [], "bidirectional"),
     "unlabelled-with-mode": (unlabelled_file, ["--mode", "chunk_causal"], "chunk_causal"),
+    "diffusers-chunk-causal": (diffusers_folder(ffn_type="ChunkGLUMBConvTemp", chunk_size=3), [], "chunk_causal"),
 }
 
 
 @pytest.fixture(scope="module")
-def converted(nvlabs_state, tmp_path_factory):
-    """{name: checkpoint directory} of every source in SOURCES, converted with the tiny preset."""
+def converted(released, tmp_path_factory):
+    """{name: checkpoint directory} of every source in SOURCES, converted with the tiny preset (a diffusers folder
+    with its own config.json)."""
     root = tmp_path_factory.mktemp("kinds")
     for name, (make_input, extra, _) in SOURCES.items():
-        src = make_input(nvlabs_state, root / name / "release")
-        convert_torch_weights.main([str(src), str(root / name / "ckpt"), "--config", "sana_wm_tiny", *extra])
+        src = make_input(released, root / name / "release")
+        config = [] if (src / "config.json").is_file() else ["--config", "sana_wm_tiny"]
+        convert_torch_weights.main([str(src), str(root / name / "ckpt"), *config, *extra])
     return {name: root / name / "ckpt" for name in SOURCES}
 
 
@@ -166,12 +195,15 @@ def test_streaming_release_brings_its_causal_vae(converted):
         (streaming_release, "chunk_causal",
          "model.pt is a SANA-WM streaming DiT checkpoint (by its 'generator' state dict, the distillation trainer's "
          "save); it cannot be converted as mode=chunk_causal"),
+        (diffusers_folder(), "chunk_causal",
+         "is a SANA-WM bidirectional DiT checkpoint (by config.json); it cannot be converted as mode=chunk_causal"),
     ],
-    ids=["chunk-causal-as-bidirectional", "chunk-causal-as-streaming", "streaming-as-chunk-causal"],
+    ids=["chunk-causal-as-bidirectional", "chunk-causal-as-streaming", "streaming-as-chunk-causal",
+         "diffusers-bidirectional-as-chunk-causal"],
 )
-def test_conversion_as_another_kind_is_one_line_and_no_output(nvlabs_state, tmp_path, capsys, make_input, mode,
+def test_conversion_as_another_kind_is_one_line_and_no_output(released, tmp_path, capsys, make_input, mode,
                                                               message):
-    src = make_input(nvlabs_state, tmp_path / "release")
+    src = make_input(released, tmp_path / "release")
     code, lines = convert([src, tmp_path / "out", "--config", "sana_wm_tiny", "--mode", mode], capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()

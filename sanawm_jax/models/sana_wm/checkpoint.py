@@ -31,7 +31,7 @@ import numpy as np
 
 from sanawm_jax.checkpoint import store
 from sanawm_jax.checkpoint.keymap import convert_tensors, flatten, torch_name, torch_shape
-from sanawm_jax.models.sana_wm.config import SanaWMConfig
+from sanawm_jax.models.sana_wm.config import SanaWMConfig, mode_fields, mode_of
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params
 
 TRANSFORMER_DIR = "transformer"
@@ -127,7 +127,7 @@ def released_table(layout: str) -> dict[str, tuple[int, ...]]:
 
 class DiTKind(NamedTuple):
     """What a released DiT checkpoint says about its kind: `mode` (one of `config.MODES`, None when nothing says),
-    the `evidence` for it, and config fields it fixes (`chunk_frames` from a config's chunk_size)."""
+    the `evidence` for it, and the config fields it fixes (`config.mode_fields`)."""
 
     mode: str | None
     evidence: str | None = None
@@ -135,17 +135,8 @@ class DiTKind(NamedTuple):
 
 
 def _kind_of_config(fields: dict, evidence: str) -> DiTKind:
-    """The kind a config describes (a diffusers config.json, or the `model:` section of an NVlabs config.yaml):
-    "streaming" for the streaming model class, its cached FFN or causal RoPE; "chunk_causal" for chunk-causal
-    attention or a chunk size; else no statement."""
-    text = " ".join(str(fields.get(name, "")) for name in ("model", "attn_type", "camctrl_type", "ffn_type"))
-    chunk = fields.get("chunk_size")
-    chunk_fields = {"chunk_frames": chunk} if isinstance(chunk, int) else {}
-    if "Streaming" in text or "Cached" in text or fields.get("pos_embed_type") == "casual_wan_rope":
-        return DiTKind("streaming", evidence, chunk_fields)
-    if "ChunkCausal" in text or chunk is not None:
-        return DiTKind("chunk_causal", evidence, chunk_fields)
-    return DiTKind(None)
+    mode = mode_of(fields)
+    return DiTKind(mode, evidence, mode_fields(fields)) if mode else DiTKind(None)
 
 
 def _nvlabs_config_fields(path: Path) -> dict:

@@ -101,23 +101,50 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any]) -> "SanaWMConfig":
-        """Maps a diffusers `SanaWMTransformer3DModel` config.json dict; rejects settings we do not implement."""
-        required_values = {
-            "ffn_type": "GLUMBConvTemp",
-            "pos_embed_type": "wan_rope",
-            "k_conv_only": True,
-            "cam_attn_compress": 1,
-            "use_chunk_plucker_post_attn": True,
-            "use_pe": True,
-            "pred_sigma": False,
+        """Maps a diffusers `SanaWMTransformer3DModel` config.json dict; rejects settings we do not implement.
+        The FFN and RoPE names of the causal variants (NVlabs' spelling, as in converted third-party folders) and a
+        `chunk_size` set `mode` (see `mode_of`) and `chunk_frames`."""
+        accepted_values = {
+            "ffn_type": ("GLUMBConvTemp", "ChunkGLUMBConvTemp", "CachedGLUMBConvTemp"),  # one FFN, three modes
+            "pos_embed_type": ("wan_rope", "casual_wan_rope"),  # sic: the streaming model's RoPE
+            "k_conv_only": (True,),
+            "cam_attn_compress": (1,),
+            "use_chunk_plucker_post_attn": (True,),
+            "use_pe": (True,),
+            "pred_sigma": (False,),
         }
-        for key, expected in required_values.items():
-            if key in config and _normalise(config[key]) != _normalise(expected):
-                raise ValueError(f"unsupported diffusers config: {key}={config[key]!r} (only {expected!r})")
+        for key, accepted in accepted_values.items():
+            if key in config and _normalise(config[key]) not in accepted:
+                allowed = " or ".join(map(repr, accepted))
+                raise ValueError(f"unsupported diffusers config: {key}={config[key]!r} (only {allowed})")
         if "mlp_acts" in config and list(config["mlp_acts"]) != ["silu", "silu", None]:
             raise ValueError(f"unsupported diffusers config: mlp_acts={config['mlp_acts']!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in names})
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in names}
+        fields.update(mode_fields(config))
+        return cls(**fields)
+
+
+def mode_of(fields: dict[str, Any]) -> str | None:
+    """The mode a released config states, or None when it states none. `fields` is a diffusers config.json or the
+    `model:` section of an NVlabs config.yaml: "streaming" for the streaming model class, its cached FFN or its causal
+    RoPE (spelled "casual_wan_rope" upstream); "chunk_causal" for chunk-causal attention or FFN, or a chunk size;
+    "bidirectional" for bidirectional attention or the plain FFN."""
+    text = " ".join(str(fields.get(name) or "") for name in ("model", "attn_type", "camctrl_type", "ffn_type"))
+    if "Streaming" in text or "Cached" in text or fields.get("pos_embed_type") == "casual_wan_rope":
+        return "streaming"
+    if "ChunkCausal" in text or "ChunkGLUMB" in text or fields.get("chunk_size") is not None:
+        return "chunk_causal"
+    if "Bidirectional" in text or fields.get("ffn_type") == "GLUMBConvTemp":
+        return "bidirectional"
+    return None
+
+
+def mode_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The SanaWMConfig fields a released config fixes (see `mode_of`): `mode`, and `chunk_frames` from its chunk
+    size."""
+    mode, chunk = mode_of(fields), fields.get("chunk_size")
+    return {**({"mode": mode} if mode else {}), **({"chunk_frames": chunk} if isinstance(chunk, int) else {})}
 
 
 def _normalise(value):
