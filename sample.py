@@ -3,6 +3,7 @@ refiner of stage 2) in JAX.
 
     python sample.py --out demo.mp4                          # embedded tiny models, bundled image, no downloads
     python sample.py --refine --out demo.mp4                 # also demo.refined.mp4 from the embedded tiny refiner
+    python sample.py --mode streaming --out demo.mp4         # block-by-block streaming demo (tiny, random weights)
     python sample.py --checkpoint ckpt --image first.png --prompt "..." --action w-40,aw-24,d-16 \
         --intrinsics 640,640,640,352 --num-frames 81 --out video.mp4
 
@@ -11,6 +12,10 @@ directory written by convert_torch_weights.py (transformer/, vae/, text_encoder/
 pixels of the input image, given inline or as a .npy of shape (3,3), (F,3,3), (4,) or (F,4).
 --refine refines the stage-1 latents (checkpoint: its refiner/ from convert_torch_weights.py --refiner) and writes
 `<stem>.refined.mp4` (+ its .latents.npz / .trajectory.npz), one frame shorter: the refiner drops its sink frame.
+
+--mode picks the DiT mode (default: the checkpoint's): bidirectional (all frames jointly), chunk_causal (the
+chunk-wise schedule of the teacher) or streaming (the few-step student block by block, 24k+1 frames; each block is
+decoded as it is done when the VAE decoder is causal; prints each block's latency and the real-time factor).
 
 Bad input stops the run with one line `error: ...` and exit code 2 before any model loads (--debug shows the
 traceback). Compiled programs are kept in JAX's persistent compilation cache, so a second run skips compilation.
@@ -25,6 +30,7 @@ import numpy as np
 from sanawm_jax import camera, cli, demo
 from sanawm_jax.diffusion.scheduler import SamplerConfig
 from sanawm_jax.generate import (
+    BlockReport,
     Refiner,
     WorldModel,
     camera_path,
@@ -36,10 +42,15 @@ from sanawm_jax.generate import (
     write_outputs,
 )
 from sanawm_jax.models.gemma.encoder import load_embeddings_npz
-from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS
+from sanawm_jax.checkpoint import store
+from sanawm_jax.diffusion.streaming import StreamingSamplerConfig
+from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS, MODES
 
-# The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`.
-DEMO_DEFAULTS = {"num_frames": 17, "steps": 4, "prompt": "A quiet room with colourful objects"}
+# The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`. Per mode: the causal
+# modes get enough frames for two chunks (49 pixel frames = 7 latent frames = 4 + 3).
+DEMO_DEFAULTS = {"steps": 4, "prompt": "A quiet room with colourful objects"}
+DEMO_NUM_FRAMES = {"bidirectional": 17, "chunk_causal": 49, "streaming": 49}
+STREAM_FPS = 16  # pixel frames per second of generated video, for the real-time factor
 
 
 def parse_intrinsics(value: str) -> np.ndarray:
@@ -55,6 +66,52 @@ def parse_intrinsics(value: str) -> np.ndarray:
     if numbers is None or numbers.shape != (4,):
         raise cli.UsageError(f"--intrinsics takes fx,fy,cx,cy (four numbers) or a .npy file, got {value!r}")
     return numbers
+
+
+def checkpoint_mode(ckpt_dir) -> str | None:
+    """The mode a converted checkpoint's DiT was saved with (None when its transformer/ is missing: the checkpoint
+    check reports that)."""
+    config = Path(ckpt_dir) / "transformer" / store.CONFIG_FILE
+    return store.read_config(config.parent).get("mode", "bidirectional") if config.is_file() else None
+
+
+def parse_denoising_steps(value: str) -> StreamingSamplerConfig:
+    try:
+        return StreamingSamplerConfig(denoising_steps=tuple(int(x) for x in value.split(",")))
+    except ValueError as error:
+        raise cli.UsageError(f"--denoising-steps {value!r}: {error}") from None
+
+
+def check_stream_num_frames(num_frames: int) -> None:
+    """Streaming blocks are 3 latent frames (24 pixel frames) after a first of 25: 24k+1 frames, k >= 2."""
+    if num_frames >= 49 and (num_frames - 1) % 24 == 0:
+        return
+    below = max(49, num_frames - (num_frames - 1) % 24)
+    raise cli.UsageError(f"--num-frames {num_frames}: streaming generates 24k+1 frames (k >= 2); use {below} or "
+                         f"{below + 24}")
+
+
+def generate_streaming(world, image, c2w, intrinsics, text, sampler, seed):
+    """`WorldModel.generate_streaming`, printing each block's latency and real-time factor (seconds of video per
+    wall-clock second at 16 fps) and the totals."""
+    reports = []
+
+    def on_block(report: BlockReport):
+        reports.append(report)
+        note = " (includes compilation)" if report.index < 2 else ""
+        print(f"block {report.index}: latent frames {report.start}-{report.end - 1}, {report.pixel_frames} frames "
+              f"in {report.seconds * 1000:.0f} ms, real-time factor {report.pixel_frames / STREAM_FPS / report.seconds:.2f}"
+              f"{note}")
+
+    result = world.generate_streaming(image, c2w, intrinsics, text, sampler, seed=seed, on_block=on_block)
+    frames, seconds = sum(r.pixel_frames for r in reports), sum(r.seconds for r in reports)
+    print(f"streamed {frames} frames ({frames / STREAM_FPS:.2f} s of video) in {seconds:.2f} s: real-time factor "
+          f"{frames / STREAM_FPS / seconds:.2f}")
+    steady = reports[2:]
+    if steady:
+        frames, seconds = sum(r.pixel_frames for r in steady), sum(r.seconds for r in steady)
+        print(f"after compilation (blocks 2-{reports[-1].index}): real-time factor {frames / STREAM_FPS / seconds:.2f}")
+    return result
 
 
 def parse_args(argv=None):
@@ -90,6 +147,11 @@ def parse_args(argv=None):
                         help="GDN recurrence: xla (default, any device) or pallas (fused GPU kernel)")
     parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
                         help="softmax attention: xla (default, any device) or cudnn (fused kernel on NVIDIA GPUs)")
+    parser.add_argument("--mode", choices=MODES,
+                        help="DiT mode: bidirectional, chunk_causal (chunk-wise sampler) or streaming (few-step "
+                             "block-by-block sampler); default: the checkpoint's (the demo: bidirectional)")
+    parser.add_argument("--denoising-steps", default="1000,960,889,727,0",
+                        help="streaming: the student's timesteps, decreasing to 0 (the released default)")
     parser.add_argument("--refine", action="store_true",
                         help="run stage 2 (the LTX-2 refiner) too; writes <stem>.refined.mp4 beside --out")
     cli.add_compilation_cache_flags(parser)
@@ -106,13 +168,20 @@ def main(argv=None):
             raise cli.UsageError(f"--refine needs {args.checkpoint}/refiner/ (convert_torch_weights.py --refiner)")
         if args.refine and args.prompt is None:
             raise cli.UsageError("--refine needs --prompt (the refiner encodes it with Gemma-3)")
+    saved_mode = None if args.checkpoint is None else checkpoint_mode(args.checkpoint)
+    if args.mode is not None and saved_mode is not None and args.mode != saved_mode:
+        raise cli.UsageError(f"{args.checkpoint} holds a {saved_mode} DiT; it cannot run with --mode {args.mode}")
+    args.mode = args.mode or saved_mode or "bidirectional"
+    streaming_sampler = parse_denoising_steps(args.denoising_steps)
     if args.num_frames is not None:
         check_num_frames(args.num_frames, "--num-frames")
+        if args.mode == "streaming":
+            check_stream_num_frames(args.num_frames)
     if args.checkpoint is None:
         target_size = demo.TARGET_SIZE
         image_path = args.image or demo.asset_path(demo.EXAMPLE_IMAGE)
         intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics else demo.example_intrinsics()
-        for name, value in DEMO_DEFAULTS.items():
+        for name, value in {**DEMO_DEFAULTS, "num_frames": DEMO_NUM_FRAMES[args.mode]}.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
         if args.action is None and args.c2w is None:
@@ -133,7 +202,9 @@ def main(argv=None):
                                   action=args.action, c2w=c2w, action_convention=args.action_convention,
                                   translation_speed=args.translation_speed,
                                   rotation_speed_deg=args.rotation_speed_deg)
-    sampler = SamplerConfig(num_steps=args.steps or 60, guidance_scale=args.cfg, shift=args.shift)
+    # Guidance is distilled into the streaming student (one model call per step).
+    sampler = SamplerConfig(num_steps=args.steps or 60, guidance_scale=1.0 if args.mode == "streaming" else args.cfg,
+                            shift=args.shift)
     text = None
     if args.embeddings:
         text = load_embeddings_npz(args.embeddings, caption_channels=None, max_sequence_length=None)
@@ -143,10 +214,10 @@ def main(argv=None):
                  + (f"along {args.action!r} ({args.action_convention} keys)" if args.action else f"from {args.c2w}"))
 
     cache_dir = cli.apply_compilation_cache_flags(args)
-    overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl") if getattr(args, name)}
+    overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl", "mode") if getattr(args, name)}
     if args.checkpoint is None:
-        report_stage(f"building the tiny demo models (random weights from seed {args.seed})"
-                     + (f"; compilation cache {cache_dir}" if cache_dir else ""))
+        report_stage(f"building the tiny demo models, {args.mode} DiT (random weights from seed {args.seed}: "
+                     f"the video has structure but no meaning)" + (f"; compilation cache {cache_dir}" if cache_dir else ""))
         world = demo.demo_world_model(args.seed, **overrides)
     else:
         report_stage(f"loading {args.checkpoint}" + (f"; compilation cache {cache_dir}" if cache_dir else ""))
@@ -158,7 +229,10 @@ def main(argv=None):
     elif text.prompt_embeds.shape[-1] != world.model.config.caption_channels:
         raise ValueError(f"{args.embeddings}: prompt_embeds has {text.prompt_embeds.shape[-1]} channels, the model "
                          f"takes {world.model.config.caption_channels}")
-    result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
+    if args.mode == "streaming":
+        result = generate_streaming(world, image, c2w, intrinsics, text, streaming_sampler, args.seed)
+    else:
+        result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
     report_stage(f"writing {args.out}")
     for kind, path in write_outputs(args.out, result, action=args.action, action_convention=args.action_convention,
                                     translation_speed=args.translation_speed,

@@ -102,8 +102,11 @@ def random_params(abstract, rng: np.random.Generator) -> dict:
 
 def demo_world_model(seed: int = 0, **config_overrides) -> WorldModel:
     """Tiny DiT, VAE and Gemma-2 with `random_params` drawn from `seed`; `config_overrides` replace DiT config
-    fields (e.g. `gdn_impl`, `attention_impl`)."""
+    fields (e.g. `gdn_impl`, `attention_impl`, `mode`). A streaming DiT comes with a causal VAE decoder (as the
+    streaming release's ltx2_causal_vae), so its blocks decode as they are generated."""
     vae_config = VAE_PRESETS["ltx2_video_tiny"]
+    if config_overrides.get("mode") == "streaming":
+        vae_config = vae_config.replace(decoder_causal=True)
     config = PRESETS["sana_wm_tiny"].replace(in_channels=vae_config.latent_channels, **config_overrides)
     tokenizer = byte_tokenizer()
     gemma_config = tiny_gemma_config(config.caption_channels, len(tokenizer))

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,10 @@ from PIL import Image, UnidentifiedImageError
 from sanawm_jax import camera, overlay, pipeline
 from sanawm_jax.checkpoint import store
 from sanawm_jax.data.video import DEFAULT_FPS, write_video
+from sanawm_jax.diffusion.chunked import sample_chunk_causal
 from sanawm_jax.diffusion.sampler import initial_noise, sample
 from sanawm_jax.diffusion.scheduler import SamplerConfig
+from sanawm_jax.diffusion.streaming import StreamingSamplerConfig, stream_sample
 from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.gemma.encoder import PromptEmbeddings, TextEncoder
 from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
@@ -125,6 +129,16 @@ class GenerationResult:
     intrinsics: np.ndarray
 
 
+class BlockReport(NamedTuple):
+    """One streamed block: index, latent frames [start, end), pixel frames it adds to the video, wall seconds."""
+
+    index: int
+    start: int
+    end: int
+    pixel_frames: int
+    seconds: float
+
+
 @dataclasses.dataclass
 class WorldModel:
     """The three models of stage 1 and their parameters."""
@@ -159,12 +173,9 @@ class WorldModel:
         negative, negative_mask = self.text_encoder.encode_negative(negative_prompt) if cfg else (None, None)
         return PromptEmbeddings(embeds, mask, negative, negative_mask)
 
-    def generate(self, image, c2w, intrinsics, text: PromptEmbeddings, sampler: SamplerConfig = SamplerConfig(),
-                 seed: int = 0, fused: bool = False, progress: bool = True) -> GenerationResult:
-        """image (H, W, 3) in [-1, 1] at target size, c2w (F, 4, 4), intrinsics (F, 4) in target pixels.
-
-        With `progress`, each stage is named on stderr and denoising and decoding show progress bars.
-        """
+    def prepare(self, image, c2w, intrinsics, seed: int, progress: bool):
+        """Camera tensors, first-frame latent and starting noise: (conditions (1, T, 20), plucker (1, T, h, w, 48),
+        first_frame (1, 1, h, w, C), noise (1, T, h, w, C))."""
         if tuple(np.shape(image)) != (*self.target_size, 3):
             raise ValueError(f"image must be {(*self.target_size, 3)}, got {np.shape(image)}")
         stride = self.vae_config.encoder_compression
@@ -173,22 +184,78 @@ class WorldModel:
         report_stage("encoding the first frame", progress)
         first_frame = vae.encode(self.vae_params, jnp.asarray(image)[None, None], self.vae_config)
         noise = initial_noise(jax.random.key(seed), first_frame, conditions.shape[0])
+        return conditions[None], plucker[None], first_frame, noise
+
+    def generate(self, image, c2w, intrinsics, text: PromptEmbeddings, sampler: SamplerConfig = SamplerConfig(),
+                 seed: int = 0, fused: bool = False, progress: bool = True) -> GenerationResult:
+        """image (H, W, 3) in [-1, 1] at target size, c2w (F, 4, 4), intrinsics (F, 4) in target pixels.
+
+        The sampler follows the model's mode: all frames jointly (bidirectional) or the chunk-wise schedule
+        (chunk_causal; `fused` does not apply). Streaming models generate with `generate_streaming`.
+        With `progress`, each stage is named on stderr and denoising and decoding show progress bars.
+        """
+        mode = self.model.config.mode
+        if mode == "streaming":
+            raise ValueError("a streaming model generates block by block: use generate_streaming")
+        conditions, plucker, first_frame, noise = self.prepare(image, c2w, intrinsics, seed, progress)
         negative = (None, None)
         if sampler.uses_guidance:
             if text.negative_prompt_embeds is None:
                 raise ValueError("guidance_scale > 1 needs negative prompt embeddings")
             negative = (text.negative_prompt_embeds, text.negative_prompt_attention_mask)
-        latents = sample(
-            self.model, self.params, first_frame_latent=first_frame, noise=noise,
+        inputs = dict(
+            first_frame_latent=first_frame, noise=noise,
             text=jnp.asarray(text.prompt_embeds), text_mask=jnp.asarray(text.prompt_attention_mask),
             negative_text=None if negative[0] is None else jnp.asarray(negative[0]),
             negative_text_mask=None if negative[1] is None else jnp.asarray(negative[1]),
-            camera_conditions=conditions[None], chunk_plucker=plucker[None],
-            config=sampler, fused=fused, progress=progress,
+            camera_conditions=conditions, chunk_plucker=plucker, config=sampler, progress=progress,
         )
+        if mode == "chunk_causal":
+            latents = sample_chunk_causal(self.model, self.params, **inputs)
+        else:
+            latents = sample(self.model, self.params, fused=fused, **inputs)
         video = vae.decode_tiled(self.vae_params, latents, self.vae_config,
                                  out=np.empty(self.video_shape(latents.shape[1]), np.uint8), progress=progress)
         return GenerationResult(np.asarray(latents[0]), video[0], np.asarray(c2w), np.asarray(intrinsics))
+
+    def generate_streaming(self, image, c2w, intrinsics, text: PromptEmbeddings,
+                           sampler: StreamingSamplerConfig = StreamingSamplerConfig(), seed: int = 0,
+                           progress: bool = True, on_block=None) -> GenerationResult:
+        """`generate` for a streaming model: blocks of latent frames denoised one after the other
+        (`diffusion.streaming`), each decoded as soon as it is done when the VAE's decoder is causal (the streaming
+        release's ltx2_causal_vae); with a non-causal decoder the clip is decoded at the end.
+
+        on_block: called with a `BlockReport` after each block (its wall time includes its decoding).
+        """
+        if self.model.config.mode != "streaming":
+            raise ValueError(f"generate_streaming needs a streaming model, not mode {self.model.config.mode!r}")
+        conditions, plucker, first_frame, noise = self.prepare(image, c2w, intrinsics, seed, progress)
+        decoder = vae.CausalDecoder(self.vae_config) if self.vae_config.decoder_causal else None
+        cache = None if decoder is None else decoder.init_cache(1, *noise.shape[2:4])
+        report_stage("denoising block by block" + (" and decoding each block" if decoder else ""), progress)
+        latents, frames = [], []
+        clock = time.perf_counter()
+        for block in stream_sample(self.model, self.params, first_frame_latent=first_frame, noise=noise,
+                                   text=jnp.asarray(text.prompt_embeds),
+                                   text_mask=jnp.asarray(text.prompt_attention_mask), camera_conditions=conditions,
+                                   chunk_plucker=plucker, config=sampler):
+            latents.append(np.asarray(block.latents[0]))
+            if decoder is not None:
+                pixels, cache = decoder.decode_chunk(self.vae_params, block.latents, cache)
+                frames.append(vae.video_to_uint8(pixels[0]))
+            now = time.perf_counter()
+            pixel_frames = self.vae_config.num_pixel_frames(block.end) - (
+                self.vae_config.num_pixel_frames(block.start) if block.start else 0)
+            if on_block is not None:
+                on_block(BlockReport(block.index, block.start, block.end, pixel_frames, now - clock))
+            clock = now
+        latents = np.concatenate(latents, axis=0)
+        if decoder is None:
+            video = vae.decode_tiled(self.vae_params, latents[None], self.vae_config,
+                                     out=np.empty(self.video_shape(len(latents)), np.uint8), progress=progress)[0]
+        else:
+            video = np.concatenate(frames, axis=0)
+        return GenerationResult(latents, video, np.asarray(c2w), np.asarray(intrinsics))
 
     def video_shape(self, num_latent_frames: int) -> tuple[int, ...]:
         return (1, self.vae_config.num_pixel_frames(num_latent_frames), *self.target_size, 3)
