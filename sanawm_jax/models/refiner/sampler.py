@@ -138,10 +138,10 @@ class RefinerStream:
 
     def _refine_block(self, start: int, clean, noise) -> tuple[int, int, jax.Array]:
         end = start + clean.shape[1]
+        frame_tokens = clean.shape[2] * clean.shape[3]
         offset = start - self._history_frames - self.sink_size
-        history_k, history_v = self._history or (None, None)
-        prefix = KVPrefix(*self._sink, self._rope(range(offset, offset + self.sink_size), clean), history_k,
-                          history_v)
+        prefix = KVPrefix(*self._sink, self._rope(range(offset, offset + self.sink_size), clean),
+                          *self._history_prefix(frame_tokens))
         rope = self._rope(range(start, end), clean)
         sigmas = self.sigmas
         x = (1.0 - sigmas[0]) * clean + sigmas[0] * noise
@@ -150,15 +150,30 @@ class RefinerStream:
             x = euler_update(x, x - velocity * sigma, sigma, sigma_next)
         _, (new_k, new_v) = self._forward(x, np.float32(0), rope, prefix, capture="post_rope")
         if self._history is not None:
-            new_k = jnp.concatenate([history_k, new_k], axis=2)
-            new_v = jnp.concatenate([history_v, new_v], axis=2)
+            new_k = jnp.concatenate([self._history[0], new_k], axis=2)
+            new_v = jnp.concatenate([self._history[1], new_v], axis=2)
         self._history_frames += end - start
-        if 0 < self.max_history < self._history_frames:
-            keep = self.max_history * clean.shape[2] * clean.shape[3]
+        if 0 < self.max_history:
+            self._history_frames = min(self._history_frames, self.max_history)
+            keep = self.max_history * frame_tokens
             new_k, new_v = new_k[:, :, -keep:], new_v[:, :, -keep:]
-            self._history_frames = self.max_history
         self._history = (new_k, new_v)
         return start, end, x
+
+    def _history_prefix(self, frame_tokens: int):
+        """(history_k, history_v, history_mask) for the next block. With a bounded window the history is a buffer of
+        the window's size whose leading unused entries are zeros and masked out, so every full block runs one
+        compiled program however much history there is; unbounded, it is the history itself."""
+        if self.max_history <= 0:
+            return (*(self._history or (None, None)), None)
+        size = self.max_history * frame_tokens
+        layers, batch, width = self.model.config.num_layers, self._sink[0].shape[1], self._sink[0].shape[-1]
+        buffer = jnp.zeros((layers, batch, size, width), self._sink[0].dtype)
+        history = self._history or (buffer[:, :, :0], buffer[:, :, :0])
+        pad = size - history[0].shape[2]
+        history_k, history_v = (jnp.concatenate([buffer[:, :, :pad], h], axis=2) for h in history)
+        mask = jnp.broadcast_to(jnp.arange(size) >= pad, (batch, size))
+        return history_k, history_v, mask
 
 
 def refine_latents(model: RefinerTransformer, params, latents, text, text_mask, noise, *, fps: float,

@@ -30,7 +30,9 @@ CAPTURE_MODES = (None, "pre_rope", "post_rope")
 class KVPrefix(NamedTuple):
     """Per-layer K/V prepended to every self-attention's keys/values, all (layers, B, tokens, H*D) or None.
 
-    sink_k is pre-RoPE and rotated by `sink_rope` inside the layer; history_k is already rotated.
+    sink_k is pre-RoPE and rotated by `sink_rope` inside the layer; history_k is already rotated. history_mask
+    (B, history tokens) bool, or None for all valid, marks the history entries attended (a fixed-size window
+    buffer holds zeros in its unused entries).
     """
 
     sink_k: jax.Array | None = None
@@ -38,11 +40,21 @@ class KVPrefix(NamedTuple):
     sink_rope: tuple | None = None
     history_k: jax.Array | None = None
     history_v: jax.Array | None = None
+    history_mask: jax.Array | None = None
 
     def layer(self, index: int) -> "KVPrefix":
         pick = lambda a: None if a is None else a[index]
         return KVPrefix(pick(self.sink_k), pick(self.sink_v), self.sink_rope, pick(self.history_k),
-                        pick(self.history_v))
+                        pick(self.history_v), self.history_mask)
+
+    def key_mask(self, num_keys: int):
+        """(B, num_keys) bool over [sink, history, block] keys, or None when every key is attended."""
+        if self.history_mask is None:
+            return None
+        batch, history = self.history_mask.shape
+        sink = 0 if self.sink_k is None else self.sink_k.shape[-2]
+        ones = lambda n: jnp.ones((batch, n), bool)
+        return jnp.concatenate([ones(sink), self.history_mask, ones(num_keys - sink - history)], axis=1)
 
 
 def plain_rms(x, eps: float):
@@ -159,6 +171,8 @@ class LTX2Attention(nn.Module):
         all_keys, all_values = jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)
         b, n, _ = query.shape
         split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)
+        if prefix is not None and prefix.history_mask is not None:
+            key_mask = prefix.key_mask(all_keys.shape[1])
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = dot_product_attention(split(query), split(all_keys), split(all_values), scale=self.head_dim**-0.5,
                                     key_mask=mask)
