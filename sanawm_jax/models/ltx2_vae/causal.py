@@ -41,7 +41,8 @@ class DecoderCache:
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _decode_chunk(params, latents, cache: DecoderCache, config: VAEConfig):
+def decode_step(params, latents, cache: DecoderCache, config: VAEConfig) -> tuple[jax.Array, DecoderCache]:
+    """The jitted program of one chunk (no input checks; see `CausalDecoder.decode_chunk`)."""
     model = VideoAutoencoder(config, chunk="next" if cache.started else "first")
     frames, variables = model.apply({"params": params, CACHE: cache.frames}, latents, method="decode", mutable=[CACHE])
     return frames, DecoderCache(variables[CACHE], started=True)
@@ -76,4 +77,4 @@ class CausalDecoder:
         if (shape[0], *shape[2:4]) != (cached[0], *cached[2:4]):
             raise ValueError(f"latent chunk of batch {shape[0]} and grid {shape[2]}x{shape[3]} does not continue a "
                              f"clip of batch {cached[0]} and grid {cached[2]}x{cached[3]}")
-        return _decode_chunk(params, jnp.asarray(latents), cache, self.config)
+        return decode_step(params, jnp.asarray(latents), cache, self.config)
