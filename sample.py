@@ -15,7 +15,8 @@ pixels of the input image, given inline or as a .npy of shape (3,3), (F,3,3), (4
 
 --mode picks the DiT mode (default: the checkpoint's): bidirectional (all frames jointly), chunk_causal (the
 chunk-wise schedule of the teacher) or streaming (the few-step student block by block, 24k+1 frames; each block is
-decoded as it is done when the VAE decoder is causal; prints each block's latency and the real-time factor).
+decoded as it is done and appended to the mp4 when the VAE decoder is causal; prints each block's latency and the
+real-time factor).
 
 Bad input stops the run with one line `error: ...` and exit code 2 before any model loads (--debug shows the
 traceback). Compiled programs are kept in JAX's persistent compilation cache, so a second run skips compilation.
@@ -23,12 +24,16 @@ traceback). Compiled programs are kept in JAX's persistent compilation cache, so
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from sanawm_jax import camera, cli, demo
+from sanawm_jax.checkpoint import store
+from sanawm_jax.data.video import VideoWriter
 from sanawm_jax.diffusion.scheduler import SamplerConfig
+from sanawm_jax.diffusion.streaming import StreamingSamplerConfig
 from sanawm_jax.generate import (
     BlockReport,
     Refiner,
@@ -37,14 +42,14 @@ from sanawm_jax.generate import (
     check_checkpoint,
     check_num_frames,
     load_image,
+    overlay_states,
     refine,
     report_stage,
     write_outputs,
 )
 from sanawm_jax.models.gemma.encoder import load_embeddings_npz
-from sanawm_jax.checkpoint import store
-from sanawm_jax.diffusion.streaming import StreamingSamplerConfig
 from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS, MODES
+from sanawm_jax.overlay import draw_action_overlay
 
 # The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`. Per mode: the causal
 # modes get enough frames for two chunks (49 pixel frames = 7 latent frames = 4 + 3).
@@ -91,10 +96,9 @@ def check_stream_num_frames(num_frames: int) -> None:
                          f"{below + 24}")
 
 
-def generate_streaming(world, image, c2w, intrinsics, text, sampler, seed):
-    """`WorldModel.generate_streaming`, printing each block's latency and real-time factor (seconds of video per
-    wall-clock second at 16 fps) and the totals."""
-    reports = []
+def print_block_report(reports: list):
+    """An `on_block` callback printing each block's latency and real-time factor (seconds of video at 16 fps per
+    wall-clock second) and keeping the reports."""
 
     def on_block(report: BlockReport):
         reports.append(report)
@@ -103,7 +107,32 @@ def generate_streaming(world, image, c2w, intrinsics, text, sampler, seed):
               f"in {report.seconds * 1000:.0f} ms, real-time factor {report.pixel_frames / STREAM_FPS / report.seconds:.2f}"
               f"{note}")
 
-    result = world.generate_streaming(image, c2w, intrinsics, text, sampler, seed=seed, on_block=on_block)
+    return on_block
+
+
+def generate_streaming(world, image, c2w, intrinsics, text, sampler, args, write_mp4: bool):
+    """`WorldModel.generate_streaming`, printing each block's latency and real-time factor and the totals; with
+    `write_mp4` (a causal VAE decoder) each decoded block is appended to the mp4 `args.out` at once (progressive:
+    playable while it is written; with the action overlay unless --no-action-overlay)."""
+    reports = []
+    states = None
+    if not args.no_action_overlay:
+        states = overlay_states(c2w, args.action, args.action_convention, args.translation_speed,
+                                args.rotation_speed_deg)
+    if write_mp4:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(args.out, fps=STREAM_FPS, crf=18, progressive=True) if write_mp4 else nullcontext() as writer:
+
+        def on_frames(frames):
+            if states is not None:
+                done = writer.num_frames
+                frames = draw_action_overlay(frames, states[0][done : done + len(frames)],
+                                             states[1][done : done + len(frames)])
+            writer.append(frames)
+
+        result = world.generate_streaming(image, c2w, intrinsics, text, sampler, seed=args.seed,
+                                          on_block=print_block_report(reports),
+                                          on_frames=on_frames if write_mp4 else None)
     frames, seconds = sum(r.pixel_frames for r in reports), sum(r.seconds for r in reports)
     print(f"streamed {frames} frames ({frames / STREAM_FPS:.2f} s of video) in {seconds:.2f} s: real-time factor "
           f"{frames / STREAM_FPS / seconds:.2f}")
@@ -229,16 +258,21 @@ def main(argv=None):
     elif text.prompt_embeds.shape[-1] != world.model.config.caption_channels:
         raise ValueError(f"{args.embeddings}: prompt_embeds has {text.prompt_embeds.shape[-1]} channels, the model "
                          f"takes {world.model.config.caption_channels}")
+    streamed_mp4 = args.mode == "streaming" and world.vae_config.decoder_causal
     if args.mode == "streaming":
-        result = generate_streaming(world, image, c2w, intrinsics, text, streaming_sampler, args.seed)
+        if streamed_mp4:
+            report_stage(f"writing {args.out} as the blocks are decoded (playable while it grows)")
+        result = generate_streaming(world, image, c2w, intrinsics, text, streaming_sampler, args, streamed_mp4)
     else:
         result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
-    report_stage(f"writing {args.out}")
+    report_stage(f"writing {args.out}" if not streamed_mp4 else "writing the latents and trajectory")
     for kind, path in write_outputs(args.out, result, action=args.action, action_convention=args.action_convention,
                                     translation_speed=args.translation_speed,
                                     rotation_speed_deg=args.rotation_speed_deg,
-                                    action_overlay=not args.no_action_overlay).items():
+                                    action_overlay=not args.no_action_overlay, write_mp4=not streamed_mp4).items():
         print(f"{kind}: {path}")
+    if streamed_mp4:
+        print(f"video: {args.out}")
     if args.refine:
         if args.checkpoint is None:
             report_stage(f"building the tiny demo refiner (random weights from seed {args.seed})")

@@ -220,12 +220,13 @@ class WorldModel:
 
     def generate_streaming(self, image, c2w, intrinsics, text: PromptEmbeddings,
                            sampler: StreamingSamplerConfig = StreamingSamplerConfig(), seed: int = 0,
-                           progress: bool = True, on_block=None) -> GenerationResult:
+                           progress: bool = True, on_block=None, on_frames=None) -> GenerationResult:
         """`generate` for a streaming model: blocks of latent frames denoised one after the other
         (`diffusion.streaming`), each decoded as soon as it is done when the VAE's decoder is causal (the streaming
         release's ltx2_causal_vae); with a non-causal decoder the clip is decoded at the end.
 
         on_block: called with a `BlockReport` after each block (its wall time includes its decoding).
+        on_frames: called with each block's decoded frames (n, H, W, 3) uint8 as they come (causal decoder only).
         """
         if self.model.config.mode != "streaming":
             raise ValueError(f"generate_streaming needs a streaming model, not mode {self.model.config.mode!r}")
@@ -243,6 +244,8 @@ class WorldModel:
             if decoder is not None:
                 pixels, cache = decoder.decode_chunk(self.vae_params, block.latents, cache)
                 frames.append(vae.video_to_uint8(pixels[0]))
+                if on_frames is not None:
+                    on_frames(frames[-1])
             now = time.perf_counter()
             pixel_frames = self.vae_config.num_pixel_frames(block.end) - (
                 self.vae_config.num_pixel_frames(block.start) if block.start else 0)
@@ -297,13 +300,27 @@ def refine(world: WorldModel, refiner: Refiner, result: GenerationResult, prompt
                             result.intrinsics[SINK_SIZE:])
 
 
+def overlay_states(c2w, action: str | None, action_convention: str = "sana_wm",
+                   translation_speed: float | None = None,
+                   rotation_speed_deg: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(key_levels (F, 8), look (F, 2)) of the overlay: the keys of the `action` string, or without one the keys read
+    back from the c2w path at the given speeds (None: the convention's)."""
+    if action is not None:
+        return camera.action_key_states(action, convention=action_convention)
+    return camera.c2w_key_states(c2w, convention=action_convention, translation_speed=translation_speed,
+                                 rotation_speed_deg=rotation_speed_deg)
+
+
 def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, action: str | None = None,
                   action_convention: str = "sana_wm", translation_speed: float | None = None,
-                  rotation_speed_deg: float | None = None, action_overlay: bool = True) -> dict[str, Path]:
+                  rotation_speed_deg: float | None = None, action_overlay: bool = True,
+                  write_mp4: bool = True) -> dict[str, Path]:
     """`<path>` (H.264 mp4), `<stem>.latents.npz` (latents (T, h, w, C)) and `<stem>.trajectory.npz` (c2w,
     intrinsics in target pixels, fps) beside it. With `action_overlay` the mp4 shows the WASD + joystick overlay of
     `overlay.draw_action_overlay`: the keys of the `action` string the video followed, or without one the keys read
     back from `result.c2w` at the given speeds (None: the convention's). The .npz files stay clean.
+
+    `write_mp4=False` writes the two .npz files only (the mp4 was written as the video streamed in).
 
     The files are written under hidden `.<stem>.partial<suffix>` names and renamed once all three are complete, so a
     failed write leaves none of them behind."""
@@ -316,16 +333,14 @@ def write_outputs(path, result: GenerationResult, fps: float = DEFAULT_FPS, *, a
     }
     video = result.video
     if action_overlay:
-        if action is not None:
-            key_levels, look = camera.action_key_states(action, convention=action_convention)
-        else:
-            key_levels, look = camera.c2w_key_states(result.c2w, convention=action_convention,
-                                                     translation_speed=translation_speed,
-                                                     rotation_speed_deg=rotation_speed_deg)
+        key_levels, look = overlay_states(result.c2w, action, action_convention, translation_speed, rotation_speed_deg)
         video = overlay.draw_action_overlay(video, key_levels[: len(video)], look[: len(video)])
+    if not write_mp4:
+        del outputs["video"]
     staged = {kind: target.with_name(f".{target.stem}.partial{target.suffix}") for kind, target in outputs.items()}
     try:
-        write_video(staged["video"], video, fps=fps, crf=18)
+        if write_mp4:
+            write_video(staged["video"], video, fps=fps, crf=18)
         np.savez(staged["latents"], latents=result.latents)
         np.savez(staged["trajectory"], c2w=result.c2w, intrinsics=result.intrinsics, fps=np.float32(fps))
         for kind, target in outputs.items():

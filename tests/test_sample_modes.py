@@ -1,5 +1,5 @@
 """`sample.py --mode`: the streaming demo end to end (causality of the streamed blocks along two camera paths, the
-per-block report) and the usage errors of the modes."""
+per-block report, the mp4 written block by block) and the usage errors of the modes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 
 import sample
 from sanawm_jax import camera
+from sanawm_jax.data.video import read_video_window
 from tests.test_sample import assert_one_line_usage_error
 
 
@@ -27,6 +28,7 @@ def test_streaming_camera_paths_sharing_8_latent_frames_share_the_first_blocks(t
         sample.main(["--mode", "streaming", "--num-frames", "73", "--action", action, "--no-action-overlay",
                      "--no-compilation-cache", "--out", str(out)])
         latents[name] = np.load(tmp_path / f"{name}.latents.npz")["latents"]
+        assert read_video_window(out, 0, 0)[1] == 73  # written block by block as they were decoded
         report = capsys.readouterr().out
         assert re.findall(r"block (\d): latent frames (\d)-(\d), (\d+) frames", report) == [
             ("0", "0", "3", "25"), ("1", "4", "6", "24"), ("2", "7", "9", "24")]
