@@ -2,7 +2,7 @@
 
     python train.py --workdir runs/demo --steps 40                       # embedded default: tiny models, CPU
     python train.py --workdir runs/wm --config 2.6b --data CLIPS --text TEXT --num-frames 961 --height 704 \
-        --width 1280 --mesh-fsdp 8 --dtype bfloat16 --remat
+        --width 1280 --mesh fsdp=8 --dtype bfloat16 --remat
 
 Without --data, a few synthetic clips are rendered into WORKDIR/data, their latents cached with the tiny demo VAE
 and their captions with the tiny demo text encoder (random weights), and the tiny DiT is trained on them. --data is a
@@ -32,7 +32,9 @@ from sanawm_jax.data import (
 from sanawm_jax.demo import DEMO_DATA, build_demo_dataset
 from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.sana_wm.config import get_config
+from sanawm_jax.parallel import make_mesh, parse_mesh
 from sanawm_jax.training import TrainConfig, Trainer
+from sanawm_jax.training.loop import local_batch_size
 from sanawm_jax.training.lock import WorkdirLock
 from sanawm_jax.training.objective import TIMESTEP_SAMPLING
 
@@ -60,7 +62,15 @@ NON_NEGATIVE_INT = flag_type(int, lambda v: v >= 0, "an integer >= 0")
 FRAME_COUNT = flag_type(int, lambda v: v >= 1 and (v - 1) % 8 == 0, "8k+1 (9, 17, 25, ...)")
 POSITIVE_FLOAT = flag_type(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 PROBABILITY = flag_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-MESH_SIZE = flag_type(int, lambda v: v == -1 or v >= 1, "a positive integer or -1")
+
+
+def mesh_flag(text: str) -> str:
+    """An argparse `type` for --mesh: AXIS=N,... over data, fsdp, context, tensor."""
+    try:
+        parse_mesh(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def parse_args(argv=None):
@@ -82,8 +92,9 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=POSITIVE_INT, default=TrainConfig.log_every,
                         help="steps per record of WORKDIR/metrics.jsonl and TensorBoard")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--mesh-data", type=MESH_SIZE, default=-1, help="data-parallel size (-1: all remaining devices)")
-    parser.add_argument("--mesh-fsdp", type=POSITIVE_INT, default=1, help="FSDP size")
+    parser.add_argument("--mesh", type=mesh_flag,
+                        help="device mesh AXIS=N,... over data, fsdp, context, tensor, e.g. fsdp=2,context=4 (axes not "
+                             "named are 1, the product is the device count; default: every device on fsdp)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     parser.add_argument("--remat", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
@@ -101,6 +112,7 @@ def main(argv=None) -> list[dict]:
         text_dir = Path(args.text or Path(args.data) / "text")
         if not text_dir.is_dir():
             raise FileNotFoundError(f"text-embedding store {text_dir} does not exist (give --text)")
+    make_mesh(parse_mesh(args.mesh) if args.mesh else None)  # the device count fits the mesh
     model_config = get_config(CONFIG_ALIASES.get(args.config, args.config), dtype=args.dtype, remat=args.remat)
     if args.config == "tiny":
         model_config = model_config.replace(in_channels=vae.VAE_PRESETS["ltx2_video_tiny"].latent_channels)
@@ -112,7 +124,7 @@ def main(argv=None) -> list[dict]:
         learning_rate=args.lr, text_dropout=args.text_dropout, num_frames=args.num_frames or default_frames,
         target_size=(args.height or default_size[0], args.width or default_size[1]), batch_size=args.batch_size,
         num_steps=args.steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-        mesh_data=args.mesh_data, mesh_fsdp=args.mesh_fsdp, timestep_sampling=args.timestep_sampling,
+        mesh=args.mesh or "", timestep_sampling=args.timestep_sampling,
     )
     cli.apply_compilation_cache_flags(args)
     with WorkdirLock(workdir):
@@ -120,7 +132,7 @@ def main(argv=None) -> list[dict]:
             data_dir, text_dir = build_demo_dataset(workdir / "data")
             source = ClipDirectorySource(data_dir, inputs="latents")
         data_config = DataConfig(
-            num_frames=config.num_frames, target_size=config.target_size, batch_size=config.batch_size,
+            num_frames=config.num_frames, target_size=config.target_size, batch_size=local_batch_size(config),
             caption_dropout=config.text_dropout, seed=config.seed,
         )
         dataset = make_dataset(source, data_config, TextEmbeddingStore(text_dir))

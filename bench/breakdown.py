@@ -149,7 +149,7 @@ def parts(config, params, inputs):
     mlp_part = lambda part, a: jit(apply(mlp, lambda m, y: getattr(m, part)(y)), block["mlp"], a)
     doubled = 2 * cfg.mlp_hidden_size
     table["FFN: inverted conv (1x1)"] = (mlp_part("inverted_conv", normal(b * t, h, w, c)), cfg.num_layers)
-    table["FFN: depthwise conv (3x3)"] = (mlp_part("depth_conv", normal(b * t, h, w, doubled)), cfg.num_layers)
+    table["FFN: depthwise conv (3x3)"] = (mlp_part("depth_conv", normal(b * t, h, w, 2, doubled // 2)), cfg.num_layers)
     table["FFN: point conv (1x1)"] = (mlp_part("point_conv", normal(b * t, h, w, doubled // 2)), cfg.num_layers)
     table["FFN: temporal conv (3 frames)"] = (mlp_part("t_conv", x), cfg.num_layers)
     table["FFN: whole"] = (jit(apply(mlp), block["mlp"], x), cfg.num_layers)

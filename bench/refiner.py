@@ -119,7 +119,7 @@ def memory(num_layers: int) -> None:
 
     config = RefinerConfig(num_layers=num_layers, param_dtype="bfloat16", dtype="bfloat16")
     devices = len(jax.devices())
-    mesh = make_mesh(data=1, fsdp=devices)
+    mesh = make_mesh({"fsdp": devices})
     abstract = abstract_refiner_params(config)
     shardings = fsdp_shardings(abstract, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

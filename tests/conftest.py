@@ -74,13 +74,10 @@ def demo_train_data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def multi_device(tmp_path_factory):
-    """name -> what the check of that name in tests/multi_device.py returned; every check runs in one subprocess with
-    fake CPU devices, started the first time a test asks. A check that raised fails the test with its traceback."""
+def multi_device_results(tier: str, tmp_path_factory, demo_train_data):
     from tests.multi_device import run_checks
 
-    results = run_checks(tmp_path_factory.mktemp("multi_device"))
+    results = run_checks(tier, tmp_path_factory.mktemp(f"multi_device_{tier}"), demo_train_data)
 
     def result(name: str) -> dict:
         if "error" in results[name]:
@@ -88,3 +85,17 @@ def multi_device(tmp_path_factory):
         return results[name]["result"]
 
     return result
+
+
+@pytest.fixture(scope="session")
+def multi_device(tmp_path_factory, demo_train_data):
+    """name -> what the fast check of that name in tests/multi_device.py returned; every fast check runs in one
+    subprocess with fake CPU devices, started the first time a test asks. A check that raised fails the test with its
+    traceback."""
+    return multi_device_results("fast", tmp_path_factory, demo_train_data)
+
+
+@pytest.fixture(scope="session")
+def multi_device_slow(tmp_path_factory, demo_train_data):
+    """As `multi_device`, for the slow checks (their own subprocess)."""
+    return multi_device_results("slow", tmp_path_factory, demo_train_data)

@@ -1,11 +1,13 @@
 """Checks that need several devices, run together in one Python process with fake CPU devices.
 
 JAX fixes the device count when it starts, so `run_checks` starts a single process with
-`--xla_force_host_platform_device_count=DEVICE_COUNT`, runs every function registered with `@check` there and hands
-back what each returned (JSON-able measurements); the tests assert on those. A check that raises reports its
-traceback instead, and only the tests reading that check fail.
+`--xla_force_host_platform_device_count=DEVICE_COUNT`, runs every function registered with `@check` (or, for the
+slow tier, `@slow_check`) there and hands back what each returned (JSON-able measurements); the tests assert on
+those. A check that raises reports its traceback instead, and only the tests reading that check fail.
 
-    python tests/multi_device.py RESULTS.json WORKDIR    # what run_checks launches
+    python tests/multi_device.py fast|slow RESULTS.json WORKDIR    # what run_checks launches
+
+The embedded train.py data built once per session (the `demo_train_data` fixture) is at $DEMO_DATA_ENV.
 """
 
 from __future__ import annotations
@@ -17,63 +19,118 @@ import sys
 import traceback
 from pathlib import Path
 
-DEVICE_COUNT = 4
-CHECKS = {}
+DEVICE_COUNT = 8
+DEMO_DATA_ENV = "SANAWM_TEST_DEMO_DATA"
+CHECKS = {"fast": {}, "slow": {}}
+# Sharded runs of the forward: (mesh, batch size). fsdp=8 with batch 1 keeps the batch whole on every device;
+# data=2 x fsdp=2 x tensor=2 splits a batch of 4 over data and fsdp and the heads and MLP channels over tensor.
+FORWARD_MESHES = (({"fsdp": 8}, 1), ({"data": 2, "fsdp": 2, "tensor": 2}, 4))
+# The demo's train.py run compared against one device: 4 steps, batch 1 on fsdp=8 (see tests/test_parallel.py).
+TRAIN_STEPS = 4
 
 
 def check(fn):
-    """Register `fn(workdir: Path) -> dict` to run in the multi-device process."""
-    CHECKS[fn.__name__] = fn
+    """Register `fn(workdir: Path) -> dict` to run in the fast tier's multi-device process."""
+    CHECKS["fast"][fn.__name__] = fn
     return fn
+
+
+def slow_check(fn):
+    """Register `fn(workdir: Path) -> dict` for the slow tier's multi-device process."""
+    CHECKS["slow"][fn.__name__] = fn
+    return fn
+
+
+def random_tree(abstract, seed: int):
+    """Random values for every leaf of a ShapeDtypeStruct tree (vectors too, so biases and gates are non-zero)."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) >= 2 else 1
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in) * (1.0 if len(leaf.shape) >= 2 else 0.3)).astype(
+            leaf.dtype)
+
+    return jax.tree.map(draw, abstract)
+
+
+def forward_inputs(config, batch: int, frames: int, height: int, width: int, seed: int = 0) -> dict:
+    """Random model inputs (camera branch included, text mask with padding)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sanawm_jax.models.sana_wm.transformer import example_inputs
+
+    rng = np.random.default_rng(seed)
+    shapes = example_inputs(config, batch=batch, frames=frames, height=height, width=width, text_len=5)
+    inputs = {k: jnp.asarray(rng.standard_normal(v.shape), v.dtype) for k, v in shapes.items()}
+    inputs["timesteps"] = jnp.asarray(rng.uniform(0, 1000, (batch, frames)), jnp.float32)
+    inputs["text_mask"] = jnp.asarray(np.arange(5)[None, :] < rng.integers(2, 6, (batch, 1)), jnp.int32)
+    camera = example_inputs(config, batch=batch, frames=frames)["camera_conditions"]
+    inputs["camera_conditions"] = camera.at[..., 16:].set(jnp.array([3.0, 2.0, 1.5, 1.0]))
+    return inputs
+
+
+def sharded_forwards(config, params, inputs_of_batch) -> dict:
+    """For every mesh of FORWARD_MESHES: the relative L2 error of the sharded forward against the single-device one,
+    and the layout it ran with."""
+    import jax
+    import numpy as np
+
+    from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
+    from sanawm_jax.parallel import batch_shardings, format_mesh, make_mesh, param_shardings
+
+    apply = jax.jit(SanaWMTransformer(config).apply)
+    results = {}
+    for sizes, batch in FORWARD_MESHES:
+        inputs = inputs_of_batch(batch)
+        expected = np.asarray(apply({"params": params}, **inputs))
+        mesh = make_mesh(sizes)
+        sharded = jax.device_put(params, param_shardings(params, mesh))
+        with jax.set_mesh(mesh):
+            out = apply({"params": sharded}, **jax.device_put(inputs, batch_shardings(inputs, mesh)))
+        block = sharded["blocks_0"]
+        results[format_mesh(sizes)] = {
+            "relative_l2": float(np.linalg.norm(np.asarray(out) - expected) / np.linalg.norm(expected)),
+            "split_params": sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded)),
+            "proj_spec": [str(axis) for axis in block["attn"]["proj"]["kernel"].sharding.spec],
+            "point_conv_spec": [str(axis) for axis in block["mlp"]["point_conv"]["kernel"].sharding.spec],
+            "output_batch_spec": str(out.sharding.spec[0]) if out.sharding.spec else "None",
+        }
+    return results
 
 
 @check
 def sharded_forward(workdir: Path) -> dict:
-    """A ("data", "fsdp") = (2, 2) mesh: FSDP-sharded params restored from a checkpoint and a batch split over all
-    four devices, against the unsharded forward of the same params and inputs."""
+    """Two blocks (one linear, one softmax) of a widened tiny preset, params restored sharded from a checkpoint on
+    the first mesh and placed on the others, against the single-device forward."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from sanawm_jax import load_transformer, save_transformer
     from sanawm_jax.models.sana_wm.config import PRESETS
-    from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params, example_inputs, init_params
-    from sanawm_jax.parallel import batch_sharding, fsdp_shardings, make_mesh
+    from sanawm_jax.models.sana_wm.transformer import abstract_params
+    from sanawm_jax.parallel import make_mesh, param_shardings
 
-    # Wide enough that FSDP splits some parameters (the default threshold is 2^14 elements); two blocks, one linear
-    # and one softmax, keep both block kinds at half the compile time of the tiny preset's four.
+    # Wide enough that FSDP splits some parameters (the default threshold is 2^14 elements); 4 heads of 32.
     config = PRESETS["sana_wm_tiny"].replace(hidden_size=128, linear_head_dim=32, num_attention_heads=4, num_layers=2,
                                              softmax_every_n=2, chunk_plucker_post_attn_blocks=2)
-    params = init_params(config, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    inputs = {k: jnp.asarray(rng.standard_normal(v.shape), v.dtype)
-              for k, v in example_inputs(config, batch=4, frames=3, height=2, width=3, text_len=5).items()}
-    inputs["timesteps"] = jnp.asarray(rng.uniform(0, 1000, (4, 3)), jnp.float32)
-    inputs["text_mask"] = jnp.ones((4, 5), jnp.int32)
-    camera = example_inputs(config, batch=4, frames=3)["camera_conditions"]
-    inputs["camera_conditions"] = camera.at[..., 16:].set(jnp.array([3.0, 2.0, 1.5, 1.0]))
-    apply = jax.jit(SanaWMTransformer(config).apply)
-    expected = np.asarray(apply({"params": params}, **inputs))
-
-    mesh = make_mesh(data=2, fsdp=2)
+    params = jax.device_put(random_tree(abstract_params(config), 0))
     save_transformer(workdir / "ckpt", params, config)
-    _, sharded = load_transformer(workdir / "ckpt", sharding=fsdp_shardings(abstract_params(config), mesh))
-    split = [leaf for leaf in jax.tree.leaves(sharded) if not leaf.sharding.is_fully_replicated]
-    out = apply({"params": sharded}, **jax.device_put(inputs, batch_sharding(mesh)))
-    return {
-        "split_params": len(split),
-        "shards_per_split_param": sorted({len(leaf.addressable_shards) for leaf in split}),
-        "output_batch_axes": list(out.sharding.spec[0]),
-        "output_shape": list(out.shape),
-        "expected_shape": list(expected.shape),
-        "relative_l2": float(np.linalg.norm(np.asarray(out) - expected) / np.linalg.norm(expected)),
-    }
+    mesh = make_mesh(FORWARD_MESHES[0][0])
+    _, restored = load_transformer(workdir / "ckpt", sharding=param_shardings(abstract_params(config), mesh))
+    restored_split = [leaf for leaf in jax.tree.leaves(restored) if not leaf.sharding.is_fully_replicated]
+    results = sharded_forwards(config, params, lambda batch: forward_inputs(config, batch, 3, 2, 3))
+    results["restored_split_params"] = len(restored_split)
+    results["restored_shards"] = sorted({len(leaf.addressable_shards) for leaf in restored_split})
+    return results
 
 
 @check
 def sharded_refiner_forward(workdir: Path) -> dict:
     """The refiner transformer with parameters saved in parts (as the release converter writes them) and restored
-    FSDP-sharded over all four devices, against its unsharded forward."""
+    FSDP-sharded over four of the devices, against its unsharded forward."""
     import jax
     import numpy as np
 
@@ -95,7 +152,7 @@ def sharded_refiner_forward(workdir: Path) -> dict:
     keys = sorted(flat)
     store.save_params_in_parts(workdir / "refiner", [{k: flat[k] for k in keys[i::2]} for i in range(2)],
                                config.to_dict())
-    sharded = store.restore_params(workdir / "refiner", abstract, fsdp_shardings(abstract, make_mesh(data=1, fsdp=4)))
+    sharded = store.restore_params(workdir / "refiner", abstract, fsdp_shardings(abstract, make_mesh({"fsdp": 4}, jax.devices()[:4])))
     rng = np.random.default_rng(1)
     tokens = rng.standard_normal((2, 12, config.in_channels)).astype(np.float32)
     text = rng.standard_normal((2, 5, config.caption_channels)).astype(np.float32)
@@ -112,13 +169,42 @@ def sharded_refiner_forward(workdir: Path) -> dict:
     }
 
 
-def main(results_path: str, workdir: str) -> None:
+@slow_check
+def train_on_fsdp8(workdir: Path) -> dict:
+    """train.py on the embedded default data, batch 1 on --mesh fsdp=8: the losses of its metrics.jsonl."""
+    import train
+    from sanawm_jax.training.metrics import read_metrics
+    from tests.test_train_cli import train_args
+
+    train.main(train_args(Path(os.environ[DEMO_DATA_ENV]), workdir, "--steps", str(TRAIN_STEPS), "--mesh", "fsdp=8"))
+    return {"losses": [record["loss"] for record in read_metrics(workdir)]}
+
+
+@slow_check
+def sharded_forward_2_6b_block(workdir: Path) -> dict:
+    """One block of the 2.6B shape (2240 channels, 20 linear heads of 112, 20 cross heads, MLP 6720) on a 2-frame,
+    2x2-token grid, softmax kind and GDN kind, against the single-device forward."""
+    import jax
+
+    from sanawm_jax.models.sana_wm.config import PRESETS
+    from sanawm_jax.models.sana_wm.transformer import abstract_params
+
+    results = {}
+    for kind, softmax_every_n in (("gdn", 4), ("softmax", 1)):
+        config = PRESETS["sana_wm_2.6b"].replace(num_layers=1, softmax_every_n=softmax_every_n,
+                                                 chunk_plucker_post_attn_blocks=1)
+        params = jax.device_put(random_tree(abstract_params(config), 1))
+        results[kind] = sharded_forwards(config, params, lambda batch: forward_inputs(config, batch, 2, 2, 2))
+    return results
+
+
+def main(tier: str, results_path: str, workdir: str) -> None:
     import jax
 
     if jax.device_count() != DEVICE_COUNT:
         raise RuntimeError(f"expected {DEVICE_COUNT} fake CPU devices, JAX has {jax.device_count()}")
     results = {}
-    for name, fn in CHECKS.items():
+    for name, fn in CHECKS[tier].items():
         (Path(workdir) / name).mkdir(parents=True, exist_ok=True)
         try:
             results[name] = {"result": fn(Path(workdir) / name)}
@@ -127,13 +213,16 @@ def main(results_path: str, workdir: str) -> None:
     Path(results_path).write_text(json.dumps(results))
 
 
-def run_checks(workdir: Path) -> dict:
-    """{check name: {"result": ...} or {"error": traceback}} from one process with DEVICE_COUNT CPU devices."""
+def run_checks(tier: str, workdir: Path, demo_data: Path) -> dict:
+    """{check name: {"result": ...} or {"error": traceback}} of the `tier` ("fast" or "slow") checks, from one process
+    with DEVICE_COUNT CPU devices."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICE_COUNT}".strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **{DEMO_DATA_ENV: str(demo_data)},
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     results_path = Path(workdir) / "results.json"
-    run = subprocess.run([sys.executable, __file__, str(results_path), str(workdir)], env=env, capture_output=True,
-                         text=True, timeout=1200)
+    run = subprocess.run([sys.executable, __file__, tier, str(results_path), str(workdir)], env=env,
+                         capture_output=True, text=True, timeout=1200)
     if run.returncode:
         raise RuntimeError(f"the multi-device process failed:\n{run.stderr[-3000:]}")
     return json.loads(results_path.read_text())

@@ -6,8 +6,10 @@ policy, threaded reading, batching, and a checkpointable iterator.
     batch = next(iterator)              # dict of numpy arrays with a leading batch axis
     state = iterator.get_state()        # JSON-serialisable; iterator.set_state(state) resumes exactly here
 
-Indices are shuffled globally (a new permutation each epoch), then process p of n takes positions p, p+n, ... of
-every epoch, so the processes see disjoint parts that together make the whole epoch. Each example's randomness
+Indices are shuffled globally (a new permutation each epoch). With n processes loading batches of b examples each,
+process p takes rows [p*b, (p+1)*b) of every global batch of n*b consecutive positions, so the processes see
+disjoint parts that together make the whole stream, and the global batch (the processes' batches stacked in process
+order) is the batch one process with batch size n*b would load. Each example's randomness
 (temporal window, caption dropout) comes from a generator seeded by the pipeline seed and the example's position,
 so restoring a state replays exactly the batches an uninterrupted iterator would have produced.
 """
@@ -135,6 +137,18 @@ class ExampleBuilder:
         return transforms.to_example(clip)
 
 
+def process_share(dataset: grain.MapDataset, process_index: int, process_count: int,
+                  batch_size: int) -> grain.MapDataset:
+    """Process `process_index`'s rows of every global batch: local position k is global position
+    (k // b) * b * n + process_index * b + k % b for b = batch_size, n = process_count."""
+    size = batch_size * process_count
+
+    def element(k: int):
+        return dataset[(k // batch_size) * size + process_index * batch_size + k % batch_size]
+
+    return grain.MapDataset.range(len(dataset) // size * batch_size).map(element)
+
+
 def make_dataset(
     source,
     config: DataConfig,
@@ -164,7 +178,8 @@ def make_dataset(
         dataset = dataset.shuffle(seed=config.seed)
     # Examples are built (lazily) before sharding so their randomness depends on the global position only.
     dataset = dataset.random_map(builder, seed=config.seed)
-    dataset = dataset[process_index::process_count]
     dataset = dataset.repeat(config.num_epochs)
+    if process_count > 1:
+        dataset = process_share(dataset, process_index, process_count, config.batch_size)
     read_options = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size)
     return dataset.to_iter_dataset(read_options).batch(config.batch_size, drop_remainder=config.drop_remainder)

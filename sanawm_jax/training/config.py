@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from sanawm_jax.frozen_config import FrozenConfig
+from sanawm_jax.parallel import parse_mesh
 from sanawm_jax.training.objective import (
     CHUNK_MODES,
     TIMESTEP_SAMPLING,
@@ -15,7 +16,7 @@ from sanawm_jax.training.objective import (
 # Fields that shape the run (data, length, checkpoints, seed, devices) but not the computation of one train step.
 RUN_FIELDS = (
     "text_dropout", "num_frames", "target_size", "batch_size", "num_steps", "checkpoint_every", "max_checkpoints",
-    "seed", "mesh_data", "mesh_fsdp", "log_every",
+    "seed", "mesh", "log_every",
 )
 
 
@@ -33,9 +34,10 @@ class TrainConfig(FrozenConfig):
     text_dropout: probability of training on the null text embedding (the loader's caption dropout; the null
         embedding is the empty caption encoded as a prompt, see `data.cache.cache_text`).
     num_frames, target_size: pixel frames (8k+1) and (H, W) of the training clips.
-    batch_size: examples per step on this process.
+    batch_size: examples per step over all processes (each loads batch_size / process count of them).
     num_steps, checkpoint_every, max_checkpoints: run length, checkpoint interval and how many checkpoints to keep.
-    mesh_data, mesh_fsdp: ("data", "fsdp") device mesh; -1 data takes every device not used by fsdp.
+    mesh: the device mesh as "AXIS=N,..." over data, fsdp, context, tensor (axes not named are 1; the product is the
+        device count); "" puts every device on fsdp.
     log_every: steps per record of WORKDIR/metrics.jsonl and TensorBoard (means over those steps).
     """
 
@@ -59,8 +61,7 @@ class TrainConfig(FrozenConfig):
     checkpoint_every: int = 50
     max_checkpoints: int = 3
     seed: int = 3407
-    mesh_data: int = -1
-    mesh_fsdp: int = 1
+    mesh: str = ""
     log_every: int = 1
 
     def __post_init__(self):
@@ -87,7 +88,7 @@ class TrainConfig(FrozenConfig):
             (self.num_steps >= 0, "num_steps must be >= 0"),
             (self.checkpoint_every >= 1, "checkpoint_every must be positive"),
             (self.max_checkpoints >= 1, "max_checkpoints must be positive"),
-            (self.mesh_fsdp >= 1 and (self.mesh_data == -1 or self.mesh_data >= 1), "mesh sizes must be positive"),
+            (self.mesh == "" or bool(parse_mesh(self.mesh)), "mesh must be AXIS=N,..."),
             (self.log_every >= 1, "log_every must be positive"),
         ]
         self.check(checks)

@@ -1,4 +1,5 @@
-"""The stage-1 training loop: a jitted, FSDP-sharded train step and an orbax-checkpointed, exactly resumable run.
+"""The stage-1 training loop: a jitted train step sharded on a device mesh and an orbax-checkpointed, exactly
+resumable run, on one process or several (`parallel.distributed`).
 
     trainer = Trainer(model_config, train_config, workdir, dataset)    # resumes from workdir/checkpoints if any
     records = trainer.run()                                            # until train_config.num_steps
@@ -9,6 +10,9 @@ random numbers (`jax.random.fold_in(key, step)`) as an uninterrupted one. Orbax 
 finished temporary directory, so a run killed while saving leaves no partial checkpoint (its temporary directory is
 removed when the next run starts). A checkpoint that cannot be restored is moved to `workdir/corrupt_checkpoints`
 with a warning and the next older one is restored.
+
+With several processes every process runs the Trainer on the same workdir: each loads its share of every batch,
+checkpoints are written and restored collectively by orbax, and process 0 alone writes the configs and metrics.
 
 Every `log_every` steps the run appends a record to `workdir/metrics.jsonl` and TensorBoard (see `metrics`); on an
 interactive terminal a progress bar shows the steps.
@@ -37,7 +41,8 @@ from sanawm_jax.models.sana_wm.transformer import (
     abstract_params,
     init_params,
 )
-from sanawm_jax.parallel import batch_sharding, fsdp_shardings, make_mesh
+from sanawm_jax.parallel import batch_spec, make_mesh, param_shardings, parse_mesh
+from sanawm_jax.parallel.distributed import global_batch
 from sanawm_jax.training import objective
 from sanawm_jax.training.config import TrainConfig
 from sanawm_jax.training.metrics import MetricsWriter
@@ -115,42 +120,51 @@ def train_step_fn(model: SanaWMTransformer, optimizer: optax.GradientTransformat
 
 
 @functools.cache
-def train_step_program(model_config: SanaWMConfig, config: TrainConfig, mesh: Mesh):
-    """The jitted train step with params and optimiser state FSDP-sharded over `mesh` (donated), the batch split
-    along its leading axis; one program per (model config, `TrainConfig.step_settings()`, mesh), shared by every
-    Trainer."""
+def train_step_program(model_config: SanaWMConfig, config: TrainConfig, mesh: Mesh, batch_size: int):
+    """The jitted train step with params and optimiser state sharded over `mesh` by `parallel.param_shardings`
+    (donated), a global batch of `batch_size` split along its leading axis by `parallel.batch_spec`; one program per
+    (model config, `TrainConfig.step_settings()`, mesh, batch size), shared by every Trainer. Call it under
+    `jax.set_mesh(mesh)` so that the model's activation constraints apply."""
     optimizer = make_optimizer(config)
     abstract = abstract_train_state(model_config, optimizer)
-    param_shardings = fsdp_shardings(abstract["params"], mesh)
-    opt_shardings = fsdp_shardings(abstract["opt_state"], mesh)
+    batch = NamedSharding(mesh, batch_spec((batch_size,), mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
         train_step_fn(SanaWMTransformer(model_config), optimizer, config),
-        in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated),
-        out_shardings=(param_shardings, opt_shardings, replicated),
+        in_shardings=(param_shardings(abstract["params"], mesh), param_shardings(abstract["opt_state"], mesh), batch,
+                      replicated),
+        out_shardings=(param_shardings(abstract["params"], mesh), param_shardings(abstract["opt_state"], mesh),
+                       replicated),
         donate_argnums=(0, 1),
     )
 
 
 @functools.cache
 def init_program(model_config: SanaWMConfig, mesh: Mesh):
-    """key -> freshly initialised params, FSDP-sharded over `mesh`."""
-    shardings = fsdp_shardings(abstract_params(model_config), mesh)
+    """key -> freshly initialised params, sharded over `mesh`."""
+    shardings = param_shardings(abstract_params(model_config), mesh)
     return jax.jit(lambda key: init_params(model_config, key), out_shardings=shardings)
 
 
 def tokens_per_step(model_config: SanaWMConfig, latents_shape: tuple[int, ...]) -> int:
-    """DiT tokens of one step over every process: batch x latent frames x spatial patches, for per-process latents
-    of shape (B, T, H, W, C)."""
+    """DiT tokens of one step: batch x latent frames x spatial patches, for global latents (B, T, H, W, C)."""
     batch, frames, height, width, _ = latents_shape
     _, patch_h, patch_w = model_config.patch_size
-    return jax.process_count() * batch * frames * (height // patch_h) * (width // patch_w)
+    return batch * frames * (height // patch_h) * (width // patch_w)
+
+
+def local_batch_size(config: TrainConfig) -> int:
+    """Examples per step that this process loads: the global batch size over the process count."""
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"batch size {config.batch_size} is not divisible by the {jax.process_count()} processes")
+    return config.batch_size // jax.process_count()
 
 
 class Trainer:
-    """Params and optimiser state sharded over a ("data", "fsdp") mesh, a batch iterator, and a checkpoint manager
-    in `workdir/checkpoints`. With `resume` (the default) the newest checkpoint there that restores is restored.
-    One run per workdir: `train.py` holds `lock.WorkdirLock` around it."""
+    """Params and optimiser state sharded over a device mesh (`TrainConfig.mesh`), a batch iterator of this
+    process's share of every batch, and a checkpoint manager in `workdir/checkpoints`. With `resume` (the default)
+    the newest checkpoint there that restores is restored. One run per workdir: `train.py` holds `lock.WorkdirLock`
+    around it."""
 
     def __init__(self, model_config: SanaWMConfig, config: TrainConfig, workdir, dataset, resume: bool = True):
         self.model_config = model_config
@@ -158,11 +172,10 @@ class Trainer:
         self.workdir = Path(workdir).absolute()
         self.model = SanaWMTransformer(model_config)
         self.optimizer = make_optimizer(config)
-        self.mesh = make_mesh(config.mesh_data, config.mesh_fsdp)
+        self.mesh = make_mesh(parse_mesh(config.mesh) if config.mesh else None)
         self.abstract_state = abstract_train_state(model_config, self.optimizer)
-        self.param_shardings = fsdp_shardings(self.abstract_state["params"], self.mesh)
-        self.opt_shardings = fsdp_shardings(self.abstract_state["opt_state"], self.mesh)
-        self.batch_sharding = batch_sharding(self.mesh)
+        self.param_shardings = param_shardings(self.abstract_state["params"], self.mesh)
+        self.opt_shardings = param_shardings(self.abstract_state["opt_state"], self.mesh)
         self.iterator = iter(dataset)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.manager = ocp.CheckpointManager(
@@ -171,7 +184,7 @@ class Trainer:
                 max_to_keep=config.max_checkpoints, enable_async_checkpointing=False, cleanup_tmp_directories=True
             ),
         )
-        self._train_step = train_step_program(model_config, config.step_settings(), self.mesh)
+        self._train_step = train_step_program(model_config, config.step_settings(), self.mesh, config.batch_size)
         self.step = 0
         if resume and self.manager.latest_step() is not None:
             self._check_saved_model_config()
@@ -179,7 +192,7 @@ class Trainer:
         else:
             self._initialize()
             self._write_configs()
-        self.metrics = MetricsWriter(self.workdir, self.step)
+        self.metrics = MetricsWriter(self.workdir, self.step) if jax.process_index() == 0 else None
 
     def _initialize(self):
         self.params = init_program(self.model_config, self.mesh)(init_key(self.config.seed))
@@ -187,6 +200,8 @@ class Trainer:
         self.step = 0
 
     def _write_configs(self):
+        if jax.process_index() != 0:
+            return
         payload = {"model": self.model_config.to_dict(), "train": self.config.to_dict()}
         (self.workdir / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -267,9 +282,10 @@ class Trainer:
         """One optimiser step on the next batch; returns the step number, loss, grad norm and the clip keys used."""
         start = time.perf_counter()
         batch = next(self.iterator)
-        inputs = jax.device_put(model_inputs(batch), self.batch_sharding)
+        inputs = global_batch(model_inputs(batch), self.mesh)
         key = step_key(self.config.seed, self.step)
-        self.params, self.opt_state, metrics = self._train_step(self.params, self.opt_state, inputs, key)
+        with jax.set_mesh(self.mesh):
+            self.params, self.opt_state, metrics = self._train_step(self.params, self.opt_state, inputs, key)
         self.step += 1
         record = {"step": self.step, **{name: float(value) for name, value in metrics.items()}}
         record["step_time_s"] = time.perf_counter() - start  # float() above waited for the step
@@ -289,7 +305,8 @@ class Trainer:
             "step_time_s": step_time,
             "tokens_per_s": float(np.mean([record["tokens"] for record in records])) / step_time,
         }
-        self.metrics.write(logged)
+        if self.metrics is not None:
+            self.metrics.write(logged)
         logger.info("step %d loss %.6f grad_norm %.4f %.2f s/step", logged["step"], logged["loss"],
                     logged["grad_norm"], step_time)
         return logged
@@ -317,7 +334,8 @@ class Trainer:
 
     def close(self):
         self.manager.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def read_run_configs(workdir) -> tuple[SanaWMConfig, TrainConfig]:

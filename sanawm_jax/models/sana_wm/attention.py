@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from sanawm_jax.models.sana_wm import chunks, streaming, ucpe
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
 from sanawm_jax.models.sana_wm.layers import (
+    GroupedDense,
     RMSNorm,
     TemporalShortConv,
     apply_rope,
@@ -33,6 +34,7 @@ from sanawm_jax.models.sana_wm.layers import (
 )
 from sanawm_jax.ops.attention import dot_product_attention
 from sanawm_jax.ops.gdn import GDNState, frame_gdn
+from sanawm_jax.parallel import constrain
 
 Dtype = Any
 GDN_EPS = 1e-8
@@ -122,10 +124,13 @@ class DualBranchAttention(nn.Module):
 
         token_mask = None if frame_mask is None else frame_mask.astype(x.dtype)[:, :, None, None]
         masked = (lambda a: a) if token_mask is None else (lambda a: a * token_mask)
-        as_heads = lambda a: a.reshape(b, n, h, d)
+        as_heads = lambda a: constrain(a.reshape(b, n, h, d), ("batch", "sequence", "act_heads", "act_kv"))
 
         hidden = masked(x)
-        query, key, value = (masked(a) for a in jnp.split(lin(3 * c, "qkv", bias=False)(hidden), 3, axis=-1))
+        qkv = GroupedDense(3, h, d, "heads", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="qkv")(hidden)
+        qkv = constrain(qkv, ("batch", "frames", "tokens", None, "act_heads", "act_kv"))
+        query, key, value = (masked(qkv[..., i, :, :].reshape(b, t, s, c)) for i in range(3))
         if gdn:
             key = short_conv("conv_k", key)
         query, key = self.norm("q_norm")(query), self.norm("k_norm")(key)

@@ -17,12 +17,43 @@ import numpy as np
 from sanawm_jax.models.sana_wm.chunks import same_chunk_ahead
 from sanawm_jax.ops.attention import dot_product_attention
 from sanawm_jax.ops.norm import rms_normalize
+from sanawm_jax.parallel import UNCONSTRAINED, constrain
 
 Dtype = Any
 
 
 def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class GroupedDense(nn.Module):
+    """x (..., C_in) -> (..., parts, groups, width): a dense layer (or a 1x1 convolution, `taps` = (1, 1)) whose
+    fused output is `parts` blocks (q/k/v, or the GLU's value/gate) of `groups` groups (heads, hidden channels).
+    The parameters keep the stored layout, kernel (*taps, C_in, parts*groups*width) and bias (parts*groups*width,);
+    the product runs on the kernel's (C_in, parts, groups, width) view, whose groups are split by the logical
+    parameter axis `group_axis` ("heads", "mlp"), so a `tensor`-split run computes only its groups of every part."""
+
+    parts: int
+    groups: int
+    width: int
+    group_axis: str
+    taps: tuple[int, ...] = ()
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c_in = x.shape[-1]
+        grouped = (self.parts, self.groups, self.width)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.taps, c_in, math.prod(grouped)),
+                            self.param_dtype)
+        kernel = constrain(kernel.reshape(c_in, *grouped), ("embed", None, self.group_axis, None))
+        y = jnp.einsum("...c,cpgw->...pgw", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (math.prod(grouped),), self.param_dtype)
+            y = y + bias.reshape(grouped).astype(self.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -240,25 +271,35 @@ class TemporalShortConv(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-    """Depthwise convolution with bias, zero "same" padding: (B, *spatial, C) -> same. Parameters as a grouped
+    """Depthwise convolution with bias, zero "same" padding: (B, *spatial, C) -> same, or with `parts` > 1
+    (B, *spatial, parts, C / parts) -> same (the channels of a `GroupedDense` output). Parameters as a grouped
     `nn.Conv` with feature_group_count = C: kernel (*kernel_size, 1, C), bias (C,)."""
 
     kernel_size: tuple[int, ...]
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    parts: int = 1
 
     @nn.compact
     def __call__(self, x):
-        channels = x.shape[-1]
+        channels = x.shape[-1] * self.parts
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel_size, 1, channels),
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        return depthwise_conv(x.astype(self.dtype), kernel[..., 0, :]) + bias.astype(self.dtype)
+        if self.parts == 1:
+            return depthwise_conv(x.astype(self.dtype), kernel[..., 0, :]) + bias.astype(self.dtype)
+        kernel = kernel.reshape(*self.kernel_size, self.parts, -1)
+        bias = bias.reshape(self.parts, -1).astype(self.dtype)
+        return jnp.stack(
+            [depthwise_conv(x[..., i, :].astype(self.dtype), kernel[..., i, :]) + bias[i] for i in range(self.parts)],
+            axis=-2,
+        )
 
 
 class GLUMBConvTemp(nn.Module):
     """FFN: per-frame 1x1 conv (SiLU) -> depthwise 3x3 -> GLU(SiLU gate) -> 1x1 conv, plus a residual temporal
-    conv (3 frames, full C->C). (B, T, S, C) on an (h, w) grid -> (B, T, S, C)."""
+    conv (3 frames, full C->C). (B, T, S, C) on an (h, w) grid -> (B, T, S, C). The hidden channels (value and
+    gate alike) are split over the logical axis "act_mlp"."""
 
     features: int
     hidden_features: int
@@ -269,9 +310,9 @@ class GLUMBConvTemp(nn.Module):
     chunk_starts: tuple[int, ...] | None = None
 
     def setup(self):
-        doubled = 2 * self.hidden_features
-        self.inverted_conv = self.conv(doubled, (1, 1))
-        self.depth_conv = DepthwiseConv((3, 3), self.dtype, self.param_dtype)
+        self.inverted_conv = GroupedDense(2, self.hidden_features, 1, "mlp", taps=(1, 1), dtype=self.dtype,
+                                          param_dtype=self.param_dtype)
+        self.depth_conv = DepthwiseConv((3, 3), self.dtype, self.param_dtype, parts=2)
         self.point_conv = self.conv(self.features, (1, 1), use_bias=False)
         self.t_conv = self.conv(self.features, (self.t_kernel_size, 1), use_bias=False)
 
@@ -291,10 +332,9 @@ class GLUMBConvTemp(nn.Module):
         b, t, s, c = x.shape
         h, w = self.grid_hw
         y = x.reshape(b * t, h, w, c)
-        y = nn.silu(self.inverted_conv(y))
-        y = self.depth_conv(y)
-        value, gate = jnp.split(y, 2, axis=-1)
-        y = self.point_conv(value * nn.silu(gate))
+        y = nn.silu(self.inverted_conv(y)[..., 0])  # (B*T, h, w, 2, hidden): value and gate
+        y = self.depth_conv(constrain(y, (UNCONSTRAINED,) * 4 + ("act_mlp",)))
+        y = self.point_conv(y[..., 0, :] * nn.silu(y[..., 1, :]))
         y = y.reshape(b, t, s, c)
         if carried is not None:
             reach = self.t_kernel_size // 2
@@ -339,10 +379,11 @@ class CrossAttention(nn.Module):
         if self.qk_norm:
             query = RMSNorm(1e-6, self.dtype, self.param_dtype, name="q_norm")(query)
             key = RMSNorm(1e-6, self.dtype, self.param_dtype, name="k_norm")(key)
-        split = lambda a: a.reshape(b, a.shape[1], self.num_heads, head_dim)
+        split = lambda a, seq: constrain(a.reshape(b, a.shape[1], self.num_heads, head_dim),
+                                         ("batch", seq, "act_heads", "act_kv"))
         key_mask = text_mask.astype(bool)[:, None, None, :]
         out = dot_product_attention(
-            split(query), split(key), split(value), scale=head_dim**-0.5, key_mask=key_mask, impl=self.attention_impl
+            split(query, "sequence"), split(key, "text"), split(value, "text"), scale=head_dim**-0.5, key_mask=key_mask, impl=self.attention_impl
         )
         out = dense(c, "proj", self.dtype, self.param_dtype)(out.reshape(b, t * s, c))
         return out.reshape(b, t, s, c)

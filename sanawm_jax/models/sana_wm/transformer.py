@@ -38,8 +38,10 @@ from sanawm_jax.models.sana_wm.layers import (
     rope_angles,
 )
 from sanawm_jax.models.sana_wm.streaming import LayerCache, StreamState
+from sanawm_jax.parallel import constrain
 
 Dtype = Any
+TOKENS = ("batch", "frames", "tokens", "act_embed")  # logical axes of the (B, T, S, C) tokens between blocks
 
 
 def scale_shift_init(key, shape, dtype):
@@ -177,10 +179,12 @@ class SanaWMTransformer(nn.Module):
             return self.final_layer(x, t_emb, grid), next_state
 
         block_cls = nn.remat(SanaWMBlock) if cfg.remat else SanaWMBlock
+        x = constrain(x, TOKENS)
         for i in range(cfg.num_layers):
             x = block_cls(cfg, i, grid, name=f"blocks_{i}")(
                 x, y, text_mask, t_mod, rope, transforms, plucker, frame_valid_mask
             )
+            x = constrain(x, TOKENS)
 
         return self.final_layer(x, t_emb, grid)
 
