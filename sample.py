@@ -12,6 +12,8 @@ directory written by convert_torch_weights.py (transformer/, vae/, text_encoder/
 pixels of the input image, given inline or as a .npy of shape (3,3), (F,3,3), (4,) or (F,4).
 --refine refines the stage-1 latents (checkpoint: its refiner/ from convert_torch_weights.py --refiner) and writes
 `<stem>.refined.mp4` (+ its .latents.npz / .trajectory.npz), one frame shorter: the refiner drops its sink frame.
+With --mode streaming each stage-1 block is pushed to the chunk-causal refiner as it is produced (same result as
+refining the whole clip afterwards).
 
 --mode picks the DiT mode (default: the checkpoint's): bidirectional (all frames jointly), chunk_causal (the
 chunk-wise schedule of the teacher) or streaming (the few-step student block by block, 24k+1 frames; each block is
@@ -27,6 +29,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from sanawm_jax import camera, cli, demo
@@ -44,6 +47,7 @@ from sanawm_jax.generate import (
     load_image,
     overlay_states,
     refine,
+    refined_result,
     report_stage,
     write_outputs,
 )
@@ -110,11 +114,19 @@ def print_block_report(reports: list):
     return on_block
 
 
-def generate_streaming(world, image, c2w, intrinsics, text, sampler, args, write_mp4: bool):
+def generate_streaming(world, image, c2w, intrinsics, text, sampler, args, write_mp4: bool, refiner_stream=None):
     """`WorldModel.generate_streaming`, printing each block's latency and real-time factor and the totals; with
     `write_mp4` (a causal VAE decoder) each decoded block is appended to the mp4 `args.out` at once (progressive:
-    playable while it is written; with the action overlay unless --no-action-overlay)."""
-    reports = []
+    playable while it is written; with the action overlay unless --no-action-overlay). With a `refiner_stream`
+    (`Refiner.start_stream`) each block's latents are pushed to it as they are produced (refining runs between
+    blocks, outside their times). Returns (result, the refined pieces)."""
+    reports, refined = [], []
+    report_block = print_block_report(reports)
+
+    def on_block(report: BlockReport):
+        report_block(report)
+        if refiner_stream is not None:
+            refined.extend(refiner_stream.push(report.latents))
     states = None
     if not args.no_action_overlay:
         states = overlay_states(c2w, args.action, args.action_convention, args.translation_speed,
@@ -131,7 +143,7 @@ def generate_streaming(world, image, c2w, intrinsics, text, sampler, args, write
             writer.append(frames)
 
         result = world.generate_streaming(image, c2w, intrinsics, text, sampler, seed=args.seed,
-                                          on_block=print_block_report(reports),
+                                          on_block=on_block,
                                           on_frames=on_frames if write_mp4 else None)
     frames, seconds = sum(r.pixel_frames for r in reports), sum(r.seconds for r in reports)
     print(f"streamed {frames} frames ({frames / STREAM_FPS:.2f} s of video) in {seconds:.2f} s: real-time factor "
@@ -140,7 +152,17 @@ def generate_streaming(world, image, c2w, intrinsics, text, sampler, args, write
     if steady:
         frames, seconds = sum(r.pixel_frames for r in steady), sum(r.seconds for r in steady)
         print(f"after compilation (blocks 2-{reports[-1].index}): real-time factor {frames / STREAM_FPS / seconds:.2f}")
-    return result
+    if refiner_stream is not None:
+        refined.extend(refiner_stream.finish())
+    return result, refined
+
+
+def load_refiner(args, world) -> Refiner:
+    if args.checkpoint is None:
+        report_stage(f"building the tiny demo refiner (random weights from seed {args.seed})")
+        return demo.demo_refiner(args.seed, world.vae_config.latent_channels)
+    report_stage(f"loading {args.checkpoint}/refiner")
+    return Refiner.from_checkpoint(args.checkpoint, args.dtype)
 
 
 def parse_args(argv=None):
@@ -259,10 +281,16 @@ def main(argv=None):
         raise ValueError(f"{args.embeddings}: prompt_embeds has {text.prompt_embeds.shape[-1]} channels, the model "
                          f"takes {world.model.config.caption_channels}")
     streamed_mp4 = args.mode == "streaming" and world.vae_config.decoder_causal
+    refiner = load_refiner(args, world) if args.refine else None
     if args.mode == "streaming":
+        stream = None
+        if refiner is not None:
+            report_stage("encoding the prompt for the refiner; each block is refined as it is produced")
+            stream = refiner.start_stream(args.prompt, seed=args.seed)
         if streamed_mp4:
             report_stage(f"writing {args.out} as the blocks are decoded (playable while it grows)")
-        result = generate_streaming(world, image, c2w, intrinsics, text, streaming_sampler, args, streamed_mp4)
+        result, refined_pieces = generate_streaming(world, image, c2w, intrinsics, text, streaming_sampler, args,
+                                                    streamed_mp4, stream)
     else:
         result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
     report_stage(f"writing {args.out}" if not streamed_mp4 else "writing the latents and trajectory")
@@ -273,14 +301,12 @@ def main(argv=None):
         print(f"{kind}: {path}")
     if streamed_mp4:
         print(f"video: {args.out}")
-    if args.refine:
-        if args.checkpoint is None:
-            report_stage(f"building the tiny demo refiner (random weights from seed {args.seed})")
-            refiner = demo.demo_refiner(args.seed, world.vae_config.latent_channels)
+    if refiner is not None:
+        if args.mode == "streaming":
+            latents = jnp.concatenate([frames for _, _, frames in refined_pieces], axis=1)
+            refined = refined_result(world, latents, result)
         else:
-            report_stage(f"loading {args.checkpoint}/refiner")
-            refiner = Refiner.from_checkpoint(args.checkpoint, args.dtype)
-        refined = refine(world, refiner, result, args.prompt, seed=args.seed)
+            refined = refine(world, refiner, result, args.prompt, seed=args.seed)
         out = Path(args.out)
         report_stage(f"writing {out.with_name(out.stem + '.refined' + out.suffix)}")
         for kind, path in write_outputs(out.with_name(out.stem + ".refined" + out.suffix), refined,

@@ -130,13 +130,15 @@ class GenerationResult:
 
 
 class BlockReport(NamedTuple):
-    """One streamed block: index, latent frames [start, end), pixel frames it adds to the video, wall seconds."""
+    """One streamed block: index, latent frames [start, end), pixel frames it adds to the video, wall seconds, and
+    its latents (1, end - start, h, w, C)."""
 
     index: int
     start: int
     end: int
     pixel_frames: int
     seconds: float
+    latents: jax.Array | None = None
 
 
 @dataclasses.dataclass
@@ -250,7 +252,7 @@ class WorldModel:
             pixel_frames = self.vae_config.num_pixel_frames(block.end) - (
                 self.vae_config.num_pixel_frames(block.start) if block.start else 0)
             if on_block is not None:
-                on_block(BlockReport(block.index, block.start, block.end, pixel_frames, now - clock))
+                on_block(BlockReport(block.index, block.start, block.end, pixel_frames, now - clock, block.latents))
             clock = now
         latents = np.concatenate(latents, axis=0)
         if decoder is None:
@@ -294,6 +296,12 @@ def refine(world: WorldModel, refiner: Refiner, result: GenerationResult, prompt
     noise = frame_noise(jax.random.key(seed), latents.shape)
     report_stage("refining", progress)
     refined = refine_latents(refiner.model, refiner.params, latents, text, mask, noise, fps=fps, progress=progress)
+    return refined_result(world, refined, result, progress)
+
+
+def refined_result(world: WorldModel, refined, result: GenerationResult, progress: bool = True) -> GenerationResult:
+    """Refined latents (1, T, h, w, C) of a stage-1 `result` -> their result: decoded with the stage-1 VAE, the first
+    decoded frame dropped as diffusers' refiner does (the video and camera path are one frame shorter)."""
     video = vae.decode_tiled(world.vae_params, refined, world.vae_config,
                              out=np.empty(world.video_shape(refined.shape[1]), np.uint8), progress=progress)
     return GenerationResult(np.asarray(refined[0]), video[0, SINK_SIZE:], result.c2w[SINK_SIZE:],

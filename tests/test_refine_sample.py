@@ -38,3 +38,25 @@ def test_refine_with_a_checkpoint_lacking_the_refiner_is_one_line(tmp_path, caps
     out = tmp_path / "out"
     out.mkdir()
     assert_one_line_usage_error(capsys, ["--refine", "--checkpoint", str(ckpt)], "--refine needs", out)
+
+
+@pytest.mark.slow  # a whole streaming demo run with its refinement
+def test_streaming_refine_pushes_blocks_and_equals_whole_clip_refinement(tmp_path, capsys):
+    """`--mode streaming --refine` refines each stage-1 block as it comes; its refined latents equal refining the
+    saved stage-1 latents as one clip with the same seed."""
+    import jax
+
+    from sample import DEMO_DEFAULTS
+    from sanawm_jax.models.refiner.sampler import frame_noise, refine_latents
+
+    sample.main(["--mode", "streaming", "--refine", "--out", str(tmp_path / "demo.mp4"), "--no-compilation-cache"])
+    assert "each block is refined as it is produced" in capsys.readouterr().err
+    with np.load(tmp_path / "demo.latents.npz") as first, np.load(tmp_path / "demo.refined.latents.npz") as second:
+        stage1, streamed = first["latents"][None], second["latents"][None]
+    refiner = demo.demo_refiner(0, stage1.shape[-1])
+    text, mask = refiner.text_encoder.encode(DEMO_DEFAULTS["prompt"])
+    whole = refine_latents(refiner.model, refiner.params, stage1, text, mask,
+                           frame_noise(jax.random.key(0), stage1.shape), fps=16.0)
+    np.testing.assert_allclose(streamed, np.asarray(whole), rtol=0, atol=1e-5)
+    _, total, _ = read_video_window(tmp_path / "demo.refined.mp4", 0, 100)
+    assert total == 48
