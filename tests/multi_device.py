@@ -130,7 +130,8 @@ def sharded_forward(workdir: Path) -> dict:
 @check
 def sharded_refiner_forward(workdir: Path) -> dict:
     """The refiner transformer with parameters saved in parts (as the release converter writes them) and restored
-    FSDP-sharded over four of the devices, against its unsharded forward."""
+    sharded over four of the devices (fsdp=2 x tensor=2: heads and MLP channels over "tensor"), against its
+    unsharded forward."""
     import jax
     import numpy as np
 
@@ -141,9 +142,9 @@ def sharded_refiner_forward(workdir: Path) -> dict:
     from sanawm_jax.models.refiner.config import REFINER_PRESETS
     from sanawm_jax.models.refiner.sampler import forward, frame_rope
     from sanawm_jax.models.refiner.transformer import RefinerTransformer
-    from sanawm_jax.parallel import fsdp_shardings, make_mesh
+    from sanawm_jax.parallel import make_mesh, param_shardings
 
-    # 4 heads of 32: the 128 x 128 projections reach FSDP's 2^14-element threshold.
+    # 4 heads of 32: the 128 x 128 projections reach the 2^14-element split threshold.
     config = REFINER_PRESETS["ltx2_refiner_tiny"].replace(num_attention_heads=4, attention_head_dim=32,
                                                           cross_attention_dim=128)
     abstract = abstract_refiner_params(config)
@@ -152,7 +153,8 @@ def sharded_refiner_forward(workdir: Path) -> dict:
     keys = sorted(flat)
     store.save_params_in_parts(workdir / "refiner", [{k: flat[k] for k in keys[i::2]} for i in range(2)],
                                config.to_dict())
-    sharded = store.restore_params(workdir / "refiner", abstract, fsdp_shardings(abstract, make_mesh({"fsdp": 4}, jax.devices()[:4])))
+    mesh = make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    sharded = store.restore_params(workdir / "refiner", abstract, param_shardings(abstract, mesh))
     rng = np.random.default_rng(1)
     tokens = rng.standard_normal((2, 12, config.in_channels)).astype(np.float32)
     text = rng.standard_normal((2, 5, config.caption_channels)).astype(np.float32)
@@ -162,9 +164,10 @@ def sharded_refiner_forward(workdir: Path) -> dict:
     expected = np.asarray(forward(model, params, tokens, text, timesteps, rope, None, None))
     out = np.asarray(forward(model, sharded, tokens, text, timesteps, rope, None, None))
     split = [leaf for leaf in jax.tree.leaves(sharded) if not leaf.sharding.is_fully_replicated]
+    query = sharded["transformer_blocks_0"]["attn1"]["to_q"]["kernel"].sharding.spec
     return {
         "split_params": len(split),
-        "shards_per_split_param": sorted({len(leaf.addressable_shards) for leaf in split}),
+        "query_kernel_spec": [list(axis) if isinstance(axis, tuple) else axis for axis in query],
         "relative_l2": float(np.linalg.norm(out - expected) / np.linalg.norm(expected)),
     }
 

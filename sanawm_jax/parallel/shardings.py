@@ -41,6 +41,13 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"mlp/depth_conv/kernel$", (None, None, None, None)),
     (r"mlp/point_conv/kernel$", (None, None, "mlp", "embed")),
     (r"mlp/t_conv/kernel$", (None, None, "embed", None)),
+    # The refiner (LTX-2) transformer and its text connectors: per-head projections, GELU MLP.
+    (r"attn[12]/to_(q|k|v)/kernel$", ("embed", "heads")),
+    (r"attn[12]/to_(q|k|v)/bias$", ("heads",)),
+    (r"attn[12]/to_out_0/kernel$", ("heads", "embed")),
+    (r"ff/net_0/proj/kernel$", ("embed", "mlp")),
+    (r"ff/net_0/proj/bias$", ("mlp",)),
+    (r"ff/net_2/kernel$", ("mlp", "embed")),
 )
 MIN_SPLIT_SIZE = 2**14
 
@@ -77,8 +84,7 @@ def fsdp_partition(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_S
 
 
 def fsdp_shardings(tree, mesh: Mesh, min_size: int = MIN_SPLIT_SIZE):
-    """FSDP-only NamedShardings (`fsdp_partition` of every leaf), for models without a PARAM_AXES table (the
-    refiner)."""
+    """FSDP-only NamedShardings (`fsdp_partition` of every leaf), for models without a PARAM_AXES table."""
     fsdp_size = dict(mesh.shape).get(FSDP, 1)
     return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_partition(tuple(leaf.shape), fsdp_size, min_size)), tree)
 
