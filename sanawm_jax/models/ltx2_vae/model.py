@@ -238,12 +238,13 @@ class UpBlock(nn.Module):
 
 
 class VideoEncoder(nn.Module):
-    """Pixels (B, F, H, W, in_channels) -> posterior mode (B, T, H/32, W/32, latent_channels), not normalised."""
+    """Pixels (B, F, H, W, in_channels) -> posterior mode (B, T, H/32, W/32, latent_channels), not normalised; with
+    `with_log_variance` also the posterior's log-variance (B, T, H/32, W/32), shared by every latent channel."""
 
     config: VAEConfig
 
     @nn.compact
-    def __call__(self, video):
+    def __call__(self, video, with_log_variance: bool = False):
         cfg = self.config
         settings = ConvSettings.for_encoder(cfg)
         x = patchify(video.astype(cfg.compute_dtype), cfg.patch_size)
@@ -254,6 +255,8 @@ class VideoEncoder(nn.Module):
         x = MidBlock(cfg.layers_per_block[-1], settings, name="mid_block")(x)
         # conv_out predicts latent_channels means and one shared log-variance; the mode is the means.
         x = CausalConv3d(cfg.latent_channels + 1, settings, name="conv_out")(nn.silu(rms_norm(x)))
+        if with_log_variance:
+            return x[..., : cfg.latent_channels], x[..., cfg.latent_channels]
         return x[..., : cfg.latent_channels]
 
 
@@ -307,9 +310,19 @@ class VideoAutoencoder(nn.Module):
         mode = self.encoder(video).astype(jnp.float32)
         return (mode - self.latents_mean) * self.config.scaling_factor / self.latents_std
 
+    def posterior(self, video):
+        """The diagonal Gaussian posterior, not normalised: means (B, T, h, w, C) and the shared log-variance
+        (B, T, h, w), both float32 (training only; `encode` returns the normalised means)."""
+        mean, log_variance = self.encoder(video, with_log_variance=True)
+        return mean.astype(jnp.float32), log_variance.astype(jnp.float32)
+
+    def decode_raw(self, latents):
+        """Un-normalised latents (B, T, h, w, C) -> pixels, float32 (what `decode` runs after de-normalising)."""
+        return self.decoder(latents).astype(jnp.float32)
+
     def decode(self, latents):
         latents = latents.astype(jnp.float32) / self.config.scaling_factor * self.latents_std + self.latents_mean
-        return self.decoder(latents).astype(jnp.float32)
+        return self.decode_raw(latents)
 
     def __call__(self, video):
         return self.decode(self.encode(video))

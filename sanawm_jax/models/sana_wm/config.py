@@ -28,6 +28,9 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
         "pallas": the fused kernel in `pallas_kernels.frame_gdn`, Triton on GPU, interpreted on CPU).
       attention_impl: softmax attention ("xla" einsum+softmax, or "cudnn" fused kernel on NVIDIA GPUs).
       remat: rematerialise each block in the backward pass (activation checkpointing).
+      camera_branches: False switches both camera branches off (an ablation): the model ignores its camera inputs,
+        so neither the UCPE camera branch of the self-attention nor the Plücker term runs; the parameter tree
+        is unchanged.
     Mode fields (which released checkpoint the weights belong to; one parameter layout for all three):
       mode: "bidirectional" (every frame sees every frame), "chunk_causal" (the stage-1 teacher: block-causal over
         chunks of `chunk_frames` latent frames, the first chunk one frame longer) or "streaming" (the few-step
@@ -59,6 +62,7 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
     gdn_impl: str = "xla"
     attention_impl: str = "xla"
     remat: bool = False
+    camera_branches: bool = True
 
     mode: str = "bidirectional"
     chunk_frames: int = 3

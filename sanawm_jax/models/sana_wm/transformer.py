@@ -134,6 +134,8 @@ class SanaWMTransformer(nn.Module):
         cfg = self.config
         dtype, param_dtype = cfg.compute_dtype, cfg.parameter_dtype
         self.check_inputs(latents, timesteps, text, text_mask, camera_conditions, chunk_plucker, frame_valid_mask)
+        if not cfg.camera_branches:
+            camera_conditions = chunk_plucker = None
         streaming = stream_state is not None
         if streaming:
             self.check_stream(latents, frame_valid_mask, stream_state)
