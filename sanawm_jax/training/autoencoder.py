@@ -30,6 +30,10 @@ LOG_VARIANCE_RANGE = (-30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDi
 class AutoencoderConfig(FrozenConfig):
     """learning_rate: Adam peak rate, cosine-decayed to 10% over num_steps, after global-norm clipping at 1.
     kl_weight: weight of the KL divergence (mean over latent elements) against the pixel MSE (mean over pixels).
+    sample_posterior: decode a posterior sample (the VAE objective) rather than the posterior mode. The pipeline
+        encodes with the mode, and on a budget of a few hundred CPU steps the sampling noise (unit variance at
+        initialisation) drowns the latents, so the default decodes the mode; the KL term still regularises the
+        posterior's means and log-variance.
     batch_size, num_frames, crop_size: crops per step, their frames (8k+1) and (H, W) (multiples of 32, >= 64).
     """
 
@@ -40,6 +44,7 @@ class AutoencoderConfig(FrozenConfig):
     crop_size: tuple[int, int] = (64, 96)
     num_steps: int = 300
     seed: int = 0
+    sample_posterior: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "crop_size", tuple(self.crop_size))
@@ -52,14 +57,17 @@ class AutoencoderConfig(FrozenConfig):
         ])
 
 
-def autoencoder_loss(params, video, key, vae_config: VAEConfig, kl_weight: float):
+def autoencoder_loss(params, video, key, vae_config: VAEConfig, kl_weight: float, sample_posterior: bool = True):
     """(loss, {"mse", "kl"}) of one batch video (B, F, H, W, 3) in [-1, 1]: MSE of the decoded posterior sample
-    against the input plus kl_weight x the mean per-element KL(q(z|x) || N(0, 1)). The latent statistics
-    (`latents_mean`, `latents_std`) take no part and get zero gradients."""
+    (the mode without `sample_posterior`) against the input plus kl_weight x the mean per-element
+    KL(q(z|x) || N(0, 1)). The latent statistics (`latents_mean`, `latents_std`) take no part and get zero
+    gradients."""
     model = VideoAutoencoder(vae_config)
     mean, log_variance = model.apply({"params": params}, video, method="posterior")
     log_variance = jnp.clip(log_variance, *LOG_VARIANCE_RANGE)[..., None]
-    latents = mean + jnp.exp(0.5 * log_variance) * jax.random.normal(key, mean.shape, jnp.float32)
+    latents = mean
+    if sample_posterior:
+        latents = mean + jnp.exp(0.5 * log_variance) * jax.random.normal(key, mean.shape, jnp.float32)
     reconstruction = model.apply({"params": params}, latents, method="decode_raw")
     mse = jnp.mean((reconstruction - video) ** 2)
     kl = 0.5 * jnp.mean(mean**2 + jnp.exp(log_variance) - 1.0 - log_variance)
@@ -94,7 +102,7 @@ def train_step_program(vae_config: VAEConfig, config: AutoencoderConfig):
 
     def step(params, opt_state, video, key):
         (loss, parts), grads = jax.value_and_grad(autoencoder_loss, has_aux=True)(
-            params, video, key, vae_config, config.kl_weight)
+            params, video, key, vae_config, config.kl_weight, config.sample_posterior)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": loss, **parts}
 
