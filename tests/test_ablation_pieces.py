@@ -18,7 +18,8 @@ from sanawm_jax.training.autoencoder import autoencoder_loss, random_crops
 
 
 def test_camera_branches_off_makes_the_model_ignore_its_camera_inputs():
-    config = PRESETS["sana_wm_tiny"].replace(camera_branches=False)
+    # One GDN and one softmax block: both kinds of camera branch.
+    config = PRESETS["sana_wm_tiny"].replace(num_layers=2, softmax_every_n=2, camera_branches=False)
     params = demo.random_params(abstract_params(config), np.random.default_rng(0))
     inputs = example_inputs(config, frames=2, height=2, width=3)
     rng = np.random.default_rng(1)
