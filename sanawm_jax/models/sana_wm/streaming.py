@@ -112,6 +112,7 @@ def init_stream_state(config: SanaWMConfig, batch: int, height: int, width: int,
     """
     if config.mode != "streaming":
         raise ValueError(f"the stream state belongs to a model in mode 'streaming', not {config.mode!r}")
+    with_camera = with_camera and config.camera_branches  # without them the model drops the camera inputs
     h, w = height // config.patch_size[1], width // config.patch_size[2]
     s, c = h * w, config.hidden_size
     heads = config.self_attention_heads
