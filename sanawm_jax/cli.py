@@ -93,3 +93,40 @@ def apply_compilation_cache_flags(args: argparse.Namespace) -> Path | None:
     if args.no_compilation_cache:
         return None
     return enable_compilation_cache(args.compilation_cache)
+
+
+def mesh_flag(text: str) -> str:
+    """An argparse `type` for --mesh: AXIS=N,... over data, fsdp, context, tensor (checked, kept as text)."""
+    from sanawm_jax.parallel import parse_mesh
+
+    try:
+        parse_mesh(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """--mesh, and --coordinator / --num-processes / --process-id for a run over several processes."""
+    parser.add_argument("--mesh", type=mesh_flag,
+                        help="device mesh AXIS=N,... over data, fsdp, context, tensor, e.g. fsdp=2,context=4 (axes "
+                             "not named are 1, the product is the device count; default: every device on fsdp)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="multi-process run: address of process 0 (with --num-processes and --process-id)")
+    parser.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
+    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index, 0 .. N-1")
+
+
+def apply_parallel_flags(args: argparse.Namespace):
+    """Join the processes (if --coordinator) and build the mesh of --mesh over every device; returns the Mesh."""
+    from sanawm_jax.parallel import make_mesh, parse_mesh
+    from sanawm_jax.parallel.distributed import initialize
+
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in multi):
+        if any(value is None for value in multi):
+            raise UsageError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+        if args.num_processes < 1:
+            raise UsageError(f"--num-processes must be positive, got {args.num_processes}")
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(parse_mesh(args.mesh) if args.mesh else None)

@@ -149,3 +149,65 @@ def test_sharded_2_6b_block_equals_single_device(multi_device_slow):
         for name in ("fsdp=8", "data=2,fsdp=2,tensor=2"):
             # float32, 2240-wide reductions in another order: round-off, 1e-5.
             assert result[kind][name]["relative_l2"] < 1e-5, (kind, name, result[kind][name])
+
+
+def train_processes(workdir, data, num_processes: int, devices: int, steps: int, cache) -> None:
+    """train.py on the embedded default data over `num_processes` processes of `devices` fake CPU devices each
+    (--mesh fsdp=8, a global batch of 2), until `steps`; fails with the processes' stderr if one fails."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+    args = train_args(data, workdir, "--steps", str(steps), "--mesh", "fsdp=8", "--batch-size", "2",
+                      "--checkpoint-every", "2")
+    args = [a for a in args if a != "--no-compilation-cache"] + ["--compilation-cache", str(cache)]
+    multi = lambda i: ["--coordinator", f"localhost:{port}", "--num-processes", str(num_processes),
+                       "--process-id", str(i)] if num_processes > 1 else []
+    processes = [subprocess.Popen([sys.executable, train.__file__, *args, *multi(i)], env=env, stderr=subprocess.PIPE,
+                                  text=True) for i in range(num_processes)]
+    errors = [process.communicate(timeout=900)[1] for process in processes]
+    assert all(process.returncode == 0 for process in processes), "\n".join(e[-2000:] for e in errors)
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_and_resume(demo_train_data, tmp_path):
+    """2 processes x 4 devices (each loading 1 example of the global batch of 2, checkpointing collectively) give the
+    losses of 1 process x 8 devices; the 2-process run stopped at step 2 resumes from its checkpoint to step 4."""
+    train_processes(tmp_path / "one", demo_train_data, 1, 8, 4, tmp_path / "cache")
+    train_processes(tmp_path / "two", demo_train_data, 2, 4, 2, tmp_path / "cache")
+    train_processes(tmp_path / "two", demo_train_data, 2, 4, 4, tmp_path / "cache")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert sorted(int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()) == [2, 4]
+    # The same global batches and float32 steps, collectives over gloo instead of in one process: round-off.
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+
+
+def test_recipe_fields_are_flags_and_the_command_line_overrides_them(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text('{"mesh": "fsdp=2,context=2", "batch_size": 4, "remat": true, "lr": 2e-5}')
+    args = train.parse_args(["--workdir", str(tmp_path), "--recipe", str(recipe), "--batch-size", "2"])
+    assert (args.mesh, args.batch_size, args.remat, args.lr) == ("fsdp=2,context=2", 2, True, 2e-5)
+    assert args.resolved_recipe["batch_size"] == 2 and "workdir" not in args.resolved_recipe
+    recipe.write_text('{"workdir": "elsewhere"}')
+    with pytest.raises(ValueError, match="not settable field 'workdir'"):
+        train.parse_args(["--workdir", str(tmp_path), "--recipe", str(recipe)])
+
+
+@pytest.mark.parametrize("name", ["tiny_demo.json", "sana_wm_stage1_chunk_causal_720p.json"])
+def test_shipped_recipes_parse(name, tmp_path):
+    from pathlib import Path
+
+    path = Path(train.__file__).parent / "configs" / "train" / name
+    args = train.parse_args(["--workdir", str(tmp_path), "--recipe", str(path)])
+    assert args.resolved_recipe["config"] in ("tiny", "2.6b")
+    if name.startswith("sana_wm_stage1"):
+        # Upstream's stage-1 teacher: chunk-causal, CP 2 on top of FSDP over 8 GPUs, chunk-timestep mixture, bf16.
+        assert (args.mode, args.mesh, args.timestep_sampling, args.dtype) == (
+            "chunk_causal", "fsdp=4,context=2", "chunk_mixture", "bfloat16")
