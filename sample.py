@@ -29,6 +29,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,6 +55,7 @@ from sanawm_jax.generate import (
 from sanawm_jax.models.gemma.encoder import load_embeddings_npz
 from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS, MODES
 from sanawm_jax.overlay import draw_action_overlay
+from sanawm_jax.parallel import param_shardings
 
 # The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`. Per mode: the causal
 # modes get enough frames for two chunks (49 pixel frames = 7 latent frames = 4 + 3).
@@ -205,6 +207,7 @@ def parse_args(argv=None):
                         help="streaming: the student's timesteps, decreasing to 0 (the released default)")
     parser.add_argument("--refine", action="store_true",
                         help="run stage 2 (the LTX-2 refiner) too; writes <stem>.refined.mp4 beside --out")
+    cli.add_parallel_flags(parser)
     cli.add_compilation_cache_flags(parser)
     parser.add_argument("--out", required=True, help="output .mp4")
     return parser.parse_args(argv)
@@ -264,6 +267,7 @@ def main(argv=None):
     report_stage(f"camera path: {len(c2w)} frames "
                  + (f"along {args.action!r} ({args.action_convention} keys)" if args.action else f"from {args.c2w}"))
 
+    mesh = cli.apply_parallel_flags(args)  # joins the other processes; the device count fits the mesh
     cache_dir = cli.apply_compilation_cache_flags(args)
     overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl", "mode") if getattr(args, name)}
     if args.checkpoint is None:
@@ -280,6 +284,9 @@ def main(argv=None):
     elif text.prompt_embeds.shape[-1] != world.model.config.caption_channels:
         raise ValueError(f"{args.embeddings}: prompt_embeds has {text.prompt_embeds.shape[-1]} channels, the model "
                          f"takes {world.model.config.caption_channels}")
+    if mesh.size > 1:  # the DiT's parameters laid out on the mesh; its programs trace under it
+        world.params = jax.device_put(world.params, param_shardings(world.params, mesh))
+        jax.set_mesh(mesh)
     streamed_mp4 = args.mode == "streaming" and world.vae_config.decoder_causal
     refiner = load_refiner(args, world) if args.refine else None
     if args.mode == "streaming":

@@ -185,6 +185,18 @@ def test_two_processes_see_disjoint_halves_that_make_up_the_epoch(synthetic_dir)
     assert sorted(seen[0] + seen[1]) == list(range(NUM_CLIPS))
 
 
+
+def test_processes_stack_into_the_global_batch_of_one_process(synthetic_dir):
+    """Process p of 2 loading batches of 2 gets rows [2p, 2p+2) of every batch of 4 that one process loads (the same
+    clips in the same order), so a 2-process run sees the batches of a 1-process run."""
+    source = ClipDirectorySource(synthetic_dir)
+    one = [batch["clip_index"].tolist() for batch in iter(make_dataset(source, config(batch_size=4), process_index=0,
+                                                                      process_count=1))]
+    per_process = [[batch["clip_index"].tolist() for batch in iter(make_dataset(
+        source, config(batch_size=2), process_index=p, process_count=2))] for p in range(2)]
+    assert len(one) == NUM_CLIPS // 4
+    assert [a + b for a, b in zip(*per_process)] == one
+
 # ---------------------------------------------------------------------------
 # Upstream layout (NVlabs/Sana SanaWMZipLatentDataset)
 # ---------------------------------------------------------------------------
