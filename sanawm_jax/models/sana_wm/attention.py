@@ -16,6 +16,7 @@ softmax uses the scale 1/sqrt(128) of a head dim padded to 128 (or 256), as the 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -33,6 +34,7 @@ from sanawm_jax.models.sana_wm.layers import (
     dense,
 )
 from sanawm_jax.ops.attention import dot_product_attention
+from sanawm_jax.ops.context_parallel import ContextLayout, dot_product_attention_cp, frame_gdn_cp
 from sanawm_jax.ops.gdn import GDNState, frame_gdn
 from sanawm_jax.parallel import constrain
 
@@ -90,6 +92,7 @@ class DualBranchAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     chunk_starts: tuple[int, ...] | None = None
     stream_config: SanaWMConfig | None = None
+    context: ContextLayout | None = None  # frame-sharded tokens (context parallelism)
 
     def norm(self, name):
         return RMSNorm(1e-5, self.dtype, self.param_dtype, name=name) if self.qk_norm else (lambda x: x)
@@ -109,7 +112,8 @@ class DualBranchAttention(nn.Module):
         new_cache = {}
 
         def short_conv(name, tokens):
-            conv = TemporalShortConv(self.conv_kernel_size, self.param_dtype, self.chunk_starts, name=name)
+            conv = TemporalShortConv(self.conv_kernel_size, self.param_dtype, self.chunk_starts, self.context,
+                                     name=name)
             if not streaming:
                 return conv(tokens)
             tokens, new_cache[name] = conv(tokens, cache[name])
@@ -176,6 +180,18 @@ class DualBranchAttention(nn.Module):
         out = lin(c, "proj")((out * gate).astype(self.dtype))
         return (out, new_cache) if streaming else out
 
+    def gdn_op(self):
+        """The frame-level GDN recurrence (`ops.gdn.frame_gdn`'s signature), across devices under context
+        parallelism."""
+        op = frame_gdn_op(self.gdn_impl)
+        return op if self.context is None else functools.partial(frame_gdn_cp, self.context, op)
+
+    def attend(self, *args, **kwargs):
+        """`ops.attention.dot_product_attention`, across devices under context parallelism."""
+        if self.context is None:
+            return dot_product_attention(*args, **kwargs)
+        return dot_product_attention_cp(self.context, *args, **kwargs)
+
     def gates(self, beta_logits, gate_logits, a_log, dt_bias, frame_mask):
         """β (B, T, S, H) = sigmoid(beta_proj x); decay (B, T, H) = exp(-exp(A_log)·softplus(gate_proj(mean_s x)+dt)).
         Padded frames get β = 0 and decay = 1, so they neither write nor erase state."""
@@ -222,7 +238,7 @@ class DualBranchAttention(nn.Module):
         query, key, value = heads_mask(query), heads_mask(key), heads_mask(value)
         query_rot, key_rot = heads_mask(apply_rope(query, rope)), heads_mask(apply_rope(key, rope))
         frames = lambda a: a.astype(jnp.float32).reshape(b, t, s, h, d)
-        out = frame_gdn_op(self.gdn_impl)(
+        out = self.gdn_op()(
             frames(query_rot), frames(key_rot), frames(value), beta, decay, frames(query), frames(key), eps=GDN_EPS,
             **self.scan_kwargs(t, state),
         )
@@ -246,7 +262,7 @@ class DualBranchAttention(nn.Module):
         if frame_mask is not None:
             token_valid = frame_mask.astype(jnp.float32)[:, :, None, None, None]
             frames = lambda a: a.reshape(b, t, s, h, d) * token_valid
-        out = frame_gdn_op(self.gdn_impl)(
+        out = self.gdn_op()(
             frames(query_u), frames(key_u), frames(value_u), beta, decay, **self.scan_kwargs(t, state)
         )
         out, final = out if state is not None else (out, None)
@@ -279,8 +295,8 @@ class DualBranchAttention(nn.Module):
         if self.stream_config is not None:
             out, written = self.attend_with_cache(query, key, value, d**-0.5, cache, ("key", "value"), block)
         else:
-            out = dot_product_attention(query, key, value, scale=d**-0.5, impl=self.attention_impl,
-                                        segments=self.softmax_segments(self.grid[0], n // self.grid[0]))
+            out = self.attend(query, key, value, scale=d**-0.5, impl=self.attention_impl,
+                              segments=self.softmax_segments(self.grid[0], n // self.grid[0]))
         return out.reshape(b, self.grid[0], -1, h * d), written
 
     def camera_softmax(self, query, key, value, transforms, frame_mask, cache=None, block=None):
@@ -301,7 +317,7 @@ class DualBranchAttention(nn.Module):
             out, written = self.attend_with_cache(cast(query_u), cast(key_u), cast(value_u), scale, cache,
                                                   ("key_cam", "value_cam"), block)
         else:
-            out = dot_product_attention(
+            out = self.attend(
                 cast(query_u), cast(key_u), cast(value_u), scale=scale, key_mask=key_mask, impl=self.attention_impl,
                 segments=self.softmax_segments(self.grid[0], n // self.grid[0]),
             )

@@ -37,9 +37,18 @@ def start_mask(starts: tuple[int, ...], num_frames: int) -> np.ndarray:
     return mask
 
 
-def same_chunk_ahead(starts: tuple[int, ...], num_frames: int, offset: int) -> np.ndarray:
-    """(T,) float32: 1 where frame t + offset exists and lies in the chunk of frame t (offset > 0), else 0."""
+def same_chunk_ahead(starts: tuple[int, ...], num_frames: int, offset: int, frame_index=None) -> np.ndarray:
+    """float32 of frame_index's shape ((T,), every frame, by default): 1 where frames f and f + offset (offset > 0)
+    both exist and lie in the same chunk, else 0. frame_index: frame numbers f, any shape, may lie outside [0, T)."""
+    index = np.arange(num_frames) if frame_index is None else np.asarray(frame_index)
     ids = chunk_ids(starts, num_frames)
-    ahead = np.zeros(num_frames, np.float32)
-    ahead[: num_frames - offset] = ids[offset:] == ids[: num_frames - offset]
-    return ahead
+    inside = (index >= 0) & (index + offset < num_frames)
+    same = ids[np.clip(index, 0, num_frames - 1)] == ids[np.clip(index + offset, 0, num_frames - 1)]
+    return (inside & same).astype(np.float32)
+
+
+def later_chunk_ahead(starts: tuple[int, ...], num_frames: int, offset: int, frame_index=None) -> np.ndarray:
+    """Like `same_chunk_ahead`, but 1 where frame f + offset exists and lies in a later chunk than frame f."""
+    index = np.arange(num_frames) if frame_index is None else np.asarray(frame_index)
+    inside = (index >= 0) & (index + offset < num_frames)
+    return inside.astype(np.float32) - same_chunk_ahead(starts, num_frames, offset, index)

@@ -10,6 +10,7 @@ from typing import Any
 from sanawm_jax.dtypes import DtypePolicy
 from sanawm_jax.frozen_config import FrozenConfig
 from sanawm_jax.models.sana_wm.chunks import chunk_starts
+from sanawm_jax.ops.context_parallel import CONTEXT_IMPLS
 
 GDN_IMPLS = ("xla", "pallas")
 MODES = ("bidirectional", "chunk_causal", "streaming")
@@ -31,6 +32,10 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
       camera_branches: False switches both camera branches off (an ablation): the model ignores its camera inputs,
         so neither the UCPE camera branch of the self-attention nor the Plücker term runs; the parameter tree
         is unchanged.
+      context_impl: how frame-mixing layers run when a mesh's "context" axis shards the frames (see
+        `sanawm_jax.ops.context_parallel`): "allgather" (softmax over all-gathered K/V, GDN state passing), "ring"
+        (softmax K/V passed around the ring, GDN state passing) or "ulysses" (all-to-all to head shards, where the
+        context size divides the heads; "allgather" otherwise). Exact in every case.
     Mode fields (which released checkpoint the weights belong to; one parameter layout for all three):
       mode: "bidirectional" (every frame sees every frame), "chunk_causal" (the stage-1 teacher: block-causal over
         chunks of `chunk_frames` latent frames, the first chunk one frame longer) or "streaming" (the few-step
@@ -63,6 +68,7 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
     attention_impl: str = "xla"
     remat: bool = False
     camera_branches: bool = True
+    context_impl: str = "allgather"
 
     mode: str = "bidirectional"
     chunk_frames: int = 3
@@ -78,6 +84,7 @@ class SanaWMConfig(FrozenConfig, DtypePolicy):
             (self.gdn_impl in GDN_IMPLS, f"gdn_impl must be one of {GDN_IMPLS}"),
             (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}"),
             (self.mode in MODES, f"mode must be one of {MODES}"),
+            (self.context_impl in CONTEXT_IMPLS, f"context_impl must be one of {CONTEXT_IMPLS}"),
             (self.chunk_frames >= 1, "chunk_frames must be >= 1"),
             (self.num_cached_blocks >= 1, "num_cached_blocks must be >= 1"),
         ]

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanawm_jax.models.sana_wm.chunks import same_chunk_ahead
+from sanawm_jax.models.sana_wm.chunks import later_chunk_ahead, same_chunk_ahead
 from sanawm_jax.ops.attention import dot_product_attention
+from sanawm_jax.ops.context_parallel import ContextLayout, frame_blocks, unblock
 from sanawm_jax.ops.norm import rms_normalize
 from sanawm_jax.parallel import UNCONSTRAINED, constrain
 
@@ -233,11 +234,13 @@ class TemporalShortConv(nn.Module):
     Parameter `kernel` has the depthwise Conv1D layout (K, 1, C); it is initialised to the identity filter.
     chunk_starts (chunk-causal mode): the forward run covers all frames, the backward run stays inside each chunk
     (taps reaching a later chunk read zero).
+    context: frame-sharded input (context parallelism): the filter runs on each device's frames with halos.
     """
 
     kernel_size: int
     param_dtype: Dtype = jnp.float32
     chunk_starts: tuple[int, ...] | None = None
+    context: ContextLayout | None = None
 
     @nn.compact
     def __call__(self, x, carried=None):
@@ -252,11 +255,21 @@ class TemporalShortConv(nn.Module):
             reach = self.kernel_size - 1
             y = depthwise_conv(extended, symmetric[:, None, :])[:, reach:]
             return y, extended[:, extended.shape[1] - reach :]
+        if self.context is None:
+            return self.filter(x, symmetric, x.shape[1])
+        reach = self.kernel_size - 1
+        blocks = frame_blocks(self.context, x, reach)
+        index = self.context.block_frame_index(reach, x.shape[0])
+        return unblock(self.context, self.filter(blocks, symmetric, self.context.frames, index), reach)
+
+    def filter(self, x, symmetric, num_frames, frame_index=None):
+        """x (B, T, S, C) -> same; frame_index (B or 1, T): the clip frame of each position (default 0..T-1) of a
+        clip of num_frames frames."""
         if self.chunk_starts is None:
             return depthwise_conv(x, symmetric[:, None, :])
-        return self.chunk_causal(x, symmetric.astype(jnp.float32))
+        return self.chunk_causal(x, symmetric.astype(jnp.float32), num_frames, frame_index)
 
-    def chunk_causal(self, x, symmetric):
+    def chunk_causal(self, x, symmetric, num_frames, frame_index):
         """The symmetric filter with every tap on a frame of a later chunk dropped; float32 sums."""
         t, reach = x.shape[1], self.kernel_size - 1
         padded = jnp.pad(x, [(0, 0), (reach, reach), (0, 0), (0, 0)]).astype(jnp.float32)
@@ -265,7 +278,8 @@ class TemporalShortConv(nn.Module):
             term = padded[:, index : index + t] * symmetric[index]
             offset = index - reach
             if offset > 0:
-                term = term * same_chunk_ahead(self.chunk_starts, t, offset)[None, :, None, None]
+                ahead = same_chunk_ahead(self.chunk_starts, num_frames, offset, frame_index)
+                term = term * ahead.reshape(-1, t, 1, 1)
             total = total + term
         return total.astype(x.dtype)
 
@@ -308,6 +322,7 @@ class GLUMBConvTemp(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     chunk_starts: tuple[int, ...] | None = None
+    context: ContextLayout | None = None  # frame-sharded input: the temporal conv runs with halos
 
     def setup(self):
         self.inverted_conv = GroupedDense(2, self.hidden_features, 1, "mlp", taps=(1, 1), dtype=self.dtype,
@@ -340,24 +355,34 @@ class GLUMBConvTemp(nn.Module):
             reach = self.t_kernel_size // 2
             extended = jnp.concatenate([carried.astype(y.dtype), y], axis=1)
             return y + self.t_conv(extended)[:, reach:], extended[:, extended.shape[1] - reach :]
+        if self.context is None:
+            return y + self.temporal(y, t)
+        reach = self.t_kernel_size // 2
+        blocks = frame_blocks(self.context, y, reach)
+        index = self.context.block_frame_index(reach, b)
+        return y + unblock(self.context, self.temporal(blocks, self.context.frames, index), reach)
+
+    def temporal(self, y, num_frames, frame_index=None):
+        """The temporal conv of y (B, T, S, C), frames of a clip of num_frames frames at frame_index (B or 1, T)
+        (default 0..T-1)."""
         temporal = self.t_conv(y)
         if self.chunk_starts is not None:
-            temporal = temporal - self.taps_across_chunks(y)
-        return y + temporal
+            temporal = temporal - self.taps_across_chunks(y, num_frames, frame_index)
+        return temporal
 
-    def taps_across_chunks(self, y):
+    def taps_across_chunks(self, y, num_frames, frame_index):
         """Chunk-causal mode: the part of the temporal conv that reads frames of a later chunk, removed so that a
         chunk's last frames see zeros on their right (left context still comes from the previous chunk)."""
         kernel = self.t_conv.variables["params"]["kernel"].astype(self.dtype)  # (K, 1, C, C)
         t, reach = y.shape[1], self.t_kernel_size // 2
         total = jnp.zeros_like(y)
         for offset in range(1, reach + 1):
-            across = 1.0 - same_chunk_ahead(self.chunk_starts, t, offset)
-            across[t - offset :] = 0.0  # beyond the last frame: zero padding in both modes
+            # beyond the last frame: zero padding in both modes
+            across = later_chunk_ahead(self.chunk_starts, num_frames, offset, frame_index)
             if not across.any():
                 continue
             ahead = jnp.pad(y[:, offset:], [(0, 0), (0, offset), (0, 0), (0, 0)])
-            ahead = ahead * jnp.asarray(across, y.dtype)[None, :, None, None]
+            ahead = ahead * jnp.asarray(across, y.dtype).reshape(-1, t, 1, 1)
             total = total + jnp.einsum("btsc,cd->btsd", ahead, kernel[reach + offset, 0])
         return total
 

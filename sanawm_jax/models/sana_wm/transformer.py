@@ -38,6 +38,7 @@ from sanawm_jax.models.sana_wm.layers import (
     rope_angles,
 )
 from sanawm_jax.models.sana_wm.streaming import LayerCache, StreamState
+from sanawm_jax.ops.context_parallel import ContextLayout, context_layout
 from sanawm_jax.parallel import constrain
 
 Dtype = Any
@@ -54,6 +55,7 @@ class SanaWMBlock(nn.Module):
     config: SanaWMConfig
     index: int
     grid: tuple[int, int, int]
+    context: ContextLayout | None = None  # frames padded and sharded over the mesh's context axis
 
     @nn.compact
     def __call__(self, x, text, text_mask, t_mod, rope, transforms, plucker, frame_mask, cache=None, block=None):
@@ -62,7 +64,7 @@ class SanaWMBlock(nn.Module):
         cfg = self.config
         b, t, s, c = x.shape
         streaming = cache is not None
-        chunk_layout = None if streaming else cfg.chunk_layout(t)
+        chunk_layout = None if streaming else cfg.chunk_layout(t if self.context is None else self.context.frames)
         dtype, param_dtype = cfg.compute_dtype, cfg.parameter_dtype
         masked = lambda a: a if frame_mask is None else a * frame_mask.astype(a.dtype)[:, :, None, None]
 
@@ -85,6 +87,7 @@ class SanaWMBlock(nn.Module):
             param_dtype=param_dtype,
             chunk_starts=chunk_layout,
             stream_config=cfg if streaming else None,
+            context=self.context,
             name="attn",
         )
         attn_in = masked(modulate(layer_norm(x), shift_msa, scale_msa))
@@ -106,7 +109,7 @@ class SanaWMBlock(nn.Module):
         x = masked(x + cross(x, text, text_mask))
 
         mlp = GLUMBConvTemp(c, cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype,
-                            chunk_starts=chunk_layout, name="mlp")
+                            chunk_starts=chunk_layout, context=self.context, name="mlp")
         mlp_in = masked(modulate(layer_norm(x), shift_mlp, scale_mlp))
         if streaming:
             mlp_out, ffn_cache = mlp(mlp_in, cache.ffn)
@@ -140,6 +143,13 @@ class SanaWMTransformer(nn.Module):
         if streaming:
             self.check_stream(latents, frame_valid_mask, stream_state)
         start_frame = stream_state.start_frame if streaming else None
+        num_frames = latents.shape[1]
+        context = None if streaming else context_layout(num_frames, cfg.context_impl)
+        if context is not None:  # frames padded to a multiple of the context size; padded frames never reach real ones
+            latents, timesteps = context.pad(latents), context.pad(timesteps)
+            chunk_plucker = None if chunk_plucker is None else context.pad(chunk_plucker)
+            camera_conditions = None if camera_conditions is None else context.pad(camera_conditions, "edge")
+            frame_valid_mask = None if frame_valid_mask is None else context.pad(frame_valid_mask)
         b, frames, height, width, _ = latents.shape
         pt, ph, pw = cfg.patch_size
         grid = (frames // pt, height // ph, width // pw)
@@ -183,12 +193,12 @@ class SanaWMTransformer(nn.Module):
         block_cls = nn.remat(SanaWMBlock) if cfg.remat else SanaWMBlock
         x = constrain(x, TOKENS)
         for i in range(cfg.num_layers):
-            x = block_cls(cfg, i, grid, name=f"blocks_{i}")(
+            x = block_cls(cfg, i, grid, context, name=f"blocks_{i}")(
                 x, y, text_mask, t_mod, rope, transforms, plucker, frame_valid_mask
             )
             x = constrain(x, TOKENS)
 
-        return self.final_layer(x, t_emb, grid)
+        return self.final_layer(x, t_emb, grid)[:, :num_frames]
 
     def check_stream(self, latents, frame_valid_mask, stream_state):
         cfg = self.config
