@@ -201,6 +201,219 @@ def sharded_forward_2_6b_block(workdir: Path) -> dict:
     return results
 
 
+def _context_inputs(config, frames, seed=0, valid_frames=None):
+    """Random model inputs (batch 2, a 2x3 latent grid, camera branch on) of `frames` latent frames."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sanawm_jax.models.sana_wm.transformer import example_inputs
+
+    rng = np.random.default_rng(seed)
+    inputs = {k: jnp.asarray(rng.standard_normal(v.shape), v.dtype)
+              for k, v in example_inputs(config, batch=2, frames=frames, height=2, width=3, text_len=5).items()}
+    inputs["timesteps"] = jnp.asarray(rng.uniform(0, 1000, (2, frames)), jnp.float32)
+    inputs["text_mask"] = jnp.ones((2, 5), jnp.int32).at[1, 3:].set(0)
+    camera = example_inputs(config, batch=2, frames=frames)["camera_conditions"]
+    camera = camera.at[..., 3].set(jnp.linspace(0, 0.5, frames)).at[..., 11].set(jnp.linspace(0, 0.2, frames))
+    inputs["camera_conditions"] = camera.at[..., 16:].set(jnp.array([3.0, 2.0, 1.5, 1.0]))
+    if valid_frames is not None:
+        inputs["frame_valid_mask"] = jnp.asarray(np.arange(frames) < valid_frames, jnp.float32)[None].repeat(2, 0)
+    return inputs
+
+
+def _context_forward_errors(config, frames, cases, valid_frames=None):
+    """{"ctx=C impl mode": relative L2 of the forward on a mesh against one device}. cases: (context size, impl,
+    mode); a context of 2 runs on an ("fsdp", "context") = (2, 2) mesh with the batch split over fsdp, so the
+    frame-parallel layers also run beside an automatically partitioned axis."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, init_params
+
+    params = init_params(config, jax.random.key(0))
+    inputs = _context_inputs(config, frames, valid_frames=valid_frames)
+    errors = {}
+    for mode in sorted({mode for _, _, mode in cases}):
+        model = SanaWMTransformer(config.replace(mode=mode))
+        expected = np.asarray(jax.jit(model.apply)({"params": params}, **inputs))
+        for size, impl, case_mode in cases:
+            if case_mode != mode:
+                continue
+            model = SanaWMTransformer(config.replace(mode=mode, context_impl=impl))
+            if size == 2:
+                mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("fsdp", "context"))
+                batch = jax.device_put(inputs, NamedSharding(mesh, PartitionSpec("fsdp")))
+            else:
+                mesh, batch = Mesh(np.asarray(jax.devices()[:size]), ("context",)), inputs
+            with jax.set_mesh(mesh):
+                out = np.asarray(jax.jit(model.apply)({"params": params}, **batch))
+            errors[f"ctx={size} {impl} {mode}"] = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+    return errors
+
+
+CONTEXT_IMPLS = ("allgather", "ring", "ulysses")
+
+
+def _context_op_errors(gdn_cases, softmax_impls, size=4, t=7) -> dict:
+    """The frame-level GDN (values and gradients) and softmax attention (key mask and chunk segments) on t frames
+    sharded over `size` devices, against the single-device ops: {case: max abs error / max abs reference}.
+    gdn_cases: (impl, chunk-causal?, main branch?) triples; softmax_impls: implementations, each chunk-causal."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from sanawm_jax.models.sana_wm import chunks
+    from sanawm_jax.ops.attention import dot_product_attention
+    from sanawm_jax.ops.context_parallel import ContextLayout, dot_product_attention_cp, frame_gdn_cp
+    from sanawm_jax.ops.gdn import frame_gdn
+
+    b, s, h, d = 2, 3, 4, 8
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q_rot, k_rot, v = (0.3 * normal(b, t, s, h, d) for _ in range(3))
+    q, k = (jnp.abs(0.3 * normal(b, t, s, h, d)) for _ in range(2))
+    beta, decay = jax.nn.sigmoid(normal(b, t, s, h)), jax.nn.sigmoid(normal(b, t, h) + 2.0)
+    layout_starts = chunks.chunk_starts(t, 2)  # t = 7: chunks 0-2, 3-4, 5-6
+    starts = chunks.start_mask(layout_starts, t)
+    cotangent = normal(b, t, s, h, d)
+    mesh = Mesh(np.asarray(jax.devices()[:size]), ("context",))
+    relative = lambda out, ref: float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+    errors = {}
+    for impl, chunked, main_branch in gdn_cases:
+        layout = ContextLayout(size, t, impl)
+        inputs = (q_rot, k_rot, v, beta, decay) + ((q, k) if main_branch else ())
+        chunk_starts = starts if chunked else None
+        padded_starts = None if chunk_starts is None else np.pad(chunk_starts, (0, layout.padded_frames - t))
+
+        def single(*args):
+            out = frame_gdn(*args, chunk_starts=chunk_starts)
+            return jnp.sum(out * cotangent), out
+
+        def sharded(*args):
+            out = frame_gdn_cp(layout, frame_gdn, *(layout.pad(a) for a in args), chunk_starts=padded_starts)[:, :t]
+            return jnp.sum(out * cotangent), out
+
+        argnums = tuple(range(len(inputs)))
+        grads, expected = jax.jit(jax.grad(single, argnums, has_aux=True))(*inputs)
+        with jax.set_mesh(mesh):
+            sharded_grads, out = jax.jit(jax.grad(sharded, argnums, has_aux=True))(*inputs)
+        name = f"gdn {impl} {'chunk_causal' if chunked else 'bidirectional'} {'main' if main_branch else 'camera'}"
+        errors[name] = relative(out, expected)
+        errors[name + " grad"] = max(relative(g, r) for g, r in zip(sharded_grads, grads))
+
+    n = t * s
+    query, key, value = (normal(b, n, h, d) for _ in range(3))
+    key_mask = jnp.asarray(rng.uniform(size=(b, 1, 1, n)) > 0.3)
+    ids = chunks.chunk_ids(layout_starts, t).repeat(s)
+    expected = dot_product_attention(query, key, value, scale=0.3, key_mask=key_mask, segments=(ids, ids))
+    for impl in softmax_impls:
+        layout = ContextLayout(size, t, impl)
+        n_pad = layout.padded_frames * s
+        pad = lambda a: jnp.pad(a, ((0, 0),) * (a.ndim - 3) + ((0, n_pad - n),) + ((0, 0),) * 2)
+        padded_ids = np.pad(ids, (0, n_pad - n), mode="edge")
+        mask = jnp.pad(key_mask, ((0, 0), (0, 0), (0, 0), (0, n_pad - n)))
+        with jax.set_mesh(mesh):
+            out = jax.jit(lambda q_, k_, v_, m: dot_product_attention_cp(
+                layout, q_, k_, v_, scale=0.3, key_mask=m, segments=(padded_ids, padded_ids)))(
+                pad(query), pad(key), pad(value), mask)[:, :n]
+        errors[f"softmax {impl} chunk_causal"] = relative(out, expected)
+    return errors
+
+
+@check
+def context_parallel_ops(workdir: Path) -> dict:
+    """7 frames over 4 devices (padded to 8): GDN state passing (chunk-causal, main branch) and Ulysses
+    (bidirectional, camera branch) with gradients; softmax by every implementation; frame halos reaching two
+    devices, and wider than the clip."""
+    errors = _context_op_errors([("allgather", True, True), ("ulysses", False, False)], CONTEXT_IMPLS)
+    errors.update(_halo_conv_errors([(4, 7, 3), (2, 2, 3)]))
+    return errors
+
+
+def _halo_conv_errors(cases) -> dict:
+    """A depthwise "same" conv of reach r along frames run on `frame_blocks` (halos) against the whole clip, for
+    (devices, frames, r) cases: {case: max abs error / max abs reference}."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from sanawm_jax.models.sana_wm.layers import depthwise_conv
+    from sanawm_jax.ops.context_parallel import ContextLayout, frame_blocks, unblock
+
+    rng = np.random.default_rng(1)
+    errors = {}
+    for size, t, reach in cases:
+        layout = ContextLayout(size, t)
+        x = jnp.asarray(rng.standard_normal((2, t, 3, 5)), jnp.float32)
+        kernel = jnp.asarray(rng.standard_normal((2 * reach + 1, 1, 5)), jnp.float32)
+        expected = depthwise_conv(x, kernel)
+        conv = lambda x: unblock(layout, depthwise_conv(frame_blocks(layout, layout.pad(x), reach), kernel), reach)
+        with jax.set_mesh(Mesh(np.asarray(jax.devices()[:size]), ("context",))):
+            out = jax.jit(conv)(x)[:, :t]
+        errors[f"halo ctx={size} frames={t} reach={reach}"] = float(jnp.max(jnp.abs(out - expected))
+                                                                    / jnp.max(jnp.abs(expected)))
+    return errors
+
+
+@check
+def context_parallel_forward(workdir: Path) -> dict:
+    """The chunk-causal DiT (one GDN and one softmax block, tiny width) with its 7 frames (the last one marked
+    invalid by frame_valid_mask) sharded over a "context" axis of 4 devices (padded to 8: two frames per device, so
+    the short conv's halo of 3 frames spans two neighbours), against one device."""
+    from sanawm_jax.models.sana_wm.config import PRESETS
+
+    config = PRESETS["sana_wm_tiny"].replace(num_layers=2, softmax_every_n=2, chunk_plucker_post_attn_blocks=2)
+    return _context_forward_errors(config, 7, [(4, "allgather", "chunk_causal")], valid_frames=6)
+
+
+@slow_check
+def context_parallel_forward_all(workdir: Path) -> dict:
+    """The DiT of the fast check (two blocks, tiny width) on 7 frames over 2 (beside fsdp = 2) and 4 devices: every
+    implementation in both modes at least once with the fast check; the GDN op with gradients over 2 devices; and
+    two 2.6B-wide blocks (20 heads of 112, one GDN and one softmax) on a 2x3 latent grid over 4 devices."""
+    from sanawm_jax.models.sana_wm.config import PRESETS
+
+    two_blocks = dict(num_layers=2, softmax_every_n=2, chunk_plucker_post_attn_blocks=2)
+    cases = [(2, "allgather", "bidirectional"), (2, "ring", "chunk_causal"), (2, "ulysses", "bidirectional"),
+             (4, "ring", "bidirectional"), (4, "ulysses", "chunk_causal")]
+    errors = _context_forward_errors(PRESETS["sana_wm_tiny"].replace(**two_blocks), 7, cases)
+    errors.update(_context_op_errors([("allgather", False, False), ("ulysses", True, True)], (), size=2))
+    wide = PRESETS["sana_wm_2.6b"].replace(**two_blocks)
+    wide_errors = _context_forward_errors(wide, 7, [(4, "allgather", "chunk_causal")])
+    errors.update({f"2.6b-wide {k}": v for k, v in wide_errors.items()})
+    return errors
+
+
+@slow_check
+def context_parallel_sample(workdir: Path) -> dict:
+    """`sample.py --num-frames 41` (the embedded demo: 6 latent frames) run as is and under the mesh fsdp=2,
+    context=4 (frames padded to 8): relative L2 distance of the sampled latents."""
+    import jax
+    import numpy as np
+
+    from sanawm_jax.parallel import make_mesh
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import sample
+
+    latents = {}
+    for name, mesh in (("single", None), ("context", make_mesh({"fsdp": 2, "context": 4}))):
+        argv = ["--num-frames", "41", "--no-compilation-cache", "--out", str(workdir / f"{name}.mp4")]
+        if mesh is None:
+            sample.main(argv)
+        else:
+            with jax.set_mesh(mesh):
+                sample.main(argv)
+        with np.load(workdir / f"{name}.latents.npz") as saved:
+            latents[name] = saved["latents"]
+    single, context = latents["single"], latents["context"]
+    return {"shape": list(context.shape), "expected_shape": list(single.shape),
+            "relative_l2": float(np.linalg.norm(context - single) / np.linalg.norm(single))}
+
+
 def main(tier: str, results_path: str, workdir: str) -> None:
     import jax
 
