@@ -120,14 +120,15 @@ def frame_blocks(layout: ContextLayout, x, reach: int):
     frames of its neighbours on each side; padded frames and frames beyond the clip are zeros. Rows are sharded
     over the context axis, so per-frame modules (convolutions with "same" padding) run on it unchanged; their outputs
     at positions [reach, reach + T_l) are exact (`unblock`)."""
-    hops = -(-reach // layout.local_frames) if reach else 0
+    hops = min(-(-reach // layout.local_frames), layout.size - 1)  # devices a halo reaches into on each side
 
     def local(x):
         x = x * _local_valid(layout, x.shape[1]).astype(x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
         if not reach:
             return x
-        left = jnp.concatenate([_shift(layout, x, h) for h in range(hops, 0, -1)], axis=1)[:, -reach:]
-        right = jnp.concatenate([_shift(layout, x, -h) for h in range(1, hops + 1)], axis=1)[:, :reach]
+        zeros = jnp.zeros((x.shape[0], reach) + x.shape[2:], x.dtype)  # beyond the clip (a halo wider than it)
+        left = jnp.concatenate([zeros] + [_shift(layout, x, h) for h in range(hops, 0, -1)], axis=1)[:, -reach:]
+        right = jnp.concatenate([_shift(layout, x, -h) for h in range(1, hops + 1)] + [zeros], axis=1)[:, :reach]
         return jnp.concatenate([left, x, right], axis=1)
 
     return layout.shard_map(local, _spec(layout, _frames_spec(x.ndim)), _spec(layout, P(CONTEXT)))(x)
