@@ -35,8 +35,8 @@ from jax.sharding import PartitionSpec as P
 
 from sanawm_jax.ops.attention import MASKED_LOGIT, QUERY_BLOCK, dot_product_attention
 from sanawm_jax.ops.gdn import GDNState, ScanState
+from sanawm_jax.parallel.axes import CONTEXT
 
-CONTEXT = "context"
 CONTEXT_IMPLS = ("allgather", "ring", "ulysses")
 HIGHEST = lax.Precision.HIGHEST
 
