@@ -54,6 +54,7 @@ from sanawm_jax.generate import (
 )
 from sanawm_jax.models.gemma.encoder import load_embeddings_npz
 from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS, MODES
+from sanawm_jax.ops.context_parallel import CONTEXT_IMPLS
 from sanawm_jax.overlay import draw_action_overlay
 from sanawm_jax.parallel import param_shardings
 
@@ -200,6 +201,8 @@ def parse_args(argv=None):
                         help="GDN recurrence: xla (default, any device) or pallas (fused GPU kernel)")
     parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
                         help="softmax attention: xla (default, any device) or cudnn (fused kernel on NVIDIA GPUs)")
+    parser.add_argument("--context-impl", choices=CONTEXT_IMPLS,
+                        help="frame-mixing layers on a --mesh with context > 1: allgather (default), ring or ulysses")
     parser.add_argument("--mode", choices=MODES,
                         help="DiT mode: bidirectional, chunk_causal (chunk-wise sampler) or streaming (few-step "
                              "block-by-block sampler); default: the checkpoint's (the demo: bidirectional)")
@@ -269,7 +272,7 @@ def main(argv=None):
 
     mesh = cli.apply_parallel_flags(args)  # joins the other processes; the device count fits the mesh
     cache_dir = cli.apply_compilation_cache_flags(args)
-    overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl", "mode") if getattr(args, name)}
+    overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl", "context_impl", "mode") if getattr(args, name)}
     if args.checkpoint is None:
         report_stage(f"building the tiny demo models, {args.mode} DiT (random weights from seed {args.seed}: "
                      f"the video has structure but no meaning)" + (f"; compilation cache {cache_dir}" if cache_dir else ""))

@@ -76,7 +76,8 @@ def test_every_context_size_impl_and_mode_equals_single_device(multi_device_slow
 
 @pytest.mark.slow
 def test_sampled_latents_equal_single_device(multi_device_slow):
-    """The whole sampler (4 flow steps with CFG) on the demo: round-off grows through the steps, hence 1e-4."""
+    """`sample.py --num-frames 41 --mesh fsdp=2,context=4`: the whole sampler (4 flow steps with CFG) on the demo;
+    round-off grows through the steps, hence 1e-4."""
     result = multi_device_slow("context_parallel_sample")
-    assert result["shape"] == result["expected_shape"] and result["shape"][0] == 6
-    assert result["relative_l2"] < 1e-4, result["relative_l2"]
+    assert result["shape"][0] == 6
+    assert result["allgather"] < 1e-4 and result["ulysses"] < 1e-4, result
