@@ -1,11 +1,14 @@
-"""The quickstart notebook is valid and, run top to bottom in a Jupyter kernel (slow tier), shows what its text
-promises: the first frame at the demo size, a camera path that walks forward and then turns right, a sheet of
-decoded frames, and a camera branch that changes the DiT's velocity."""
+"""The notebooks are valid, start with their install cell, and, run top to bottom in a Jupyter kernel (slow tier),
+show what their text promises. Quickstart: the first frame at the demo size, a camera path that walks forward and
+then turns right, a sheet of decoded frames, and a camera branch that changes the DiT's velocity. Ablations (in smoke
+mode): finite metrics for every variant and seed, and the figures written."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import math
 import re
 from pathlib import Path
 
@@ -18,21 +21,32 @@ from sanawm_jax import demo
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
+ABLATIONS = NOTEBOOKS / "ablations.ipynb"
+ABLATION_FIGURES = ("held_out_clips.png", "per_frame_metrics.png", "camera_following.png", "samples.png")
 SHEET_FRAMES = range(0, 17, 4)  # the frames the sample cell puts side by side
 POSE_LINE = re.compile(r"frame +(\d+): x ([-+.\d]+) +y ([-+.\d]+) +z ([-+.\d]+) +yaw ([-+.\d]+) deg")
 
 
-def test_every_notebook_is_the_tested_quickstart():
-    assert sorted(NOTEBOOKS.glob("*.ipynb")) == [QUICKSTART], "a new notebook needs a test of its outputs here"
+def test_every_notebook_is_tested():
+    assert sorted(NOTEBOOKS.glob("*.ipynb")) == [ABLATIONS, QUICKSTART], "a new notebook needs a test of its outputs"
 
 
-def test_quickstart_is_valid_and_its_code_compiles():
-    notebook = nbformat.read(QUICKSTART, as_version=4)
+@pytest.mark.parametrize("path", [QUICKSTART, ABLATIONS], ids=lambda path: path.stem)
+def test_notebook_is_valid_installs_first_and_its_code_compiles(path):
+    notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert code
+    assert code and "pip\", \"install" in code[0].source  # Colab: the package is installed before anything else
     for index, cell in enumerate(code):
-        compile(cell.source, f"{QUICKSTART.name}[code cell {index}]", "exec")
+        compile(cell.source, f"{path.name}[code cell {index}]", "exec")
+
+
+@pytest.mark.parametrize("path", [QUICKSTART, ABLATIONS], ids=lambda path: path.stem)
+def test_notebook_is_committed_with_its_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+              if "image/png" in output.get("data", {})]
+    assert images, f"{path.name} is committed without its figures"
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +108,26 @@ def test_quickstart_camera_branch_changes_the_velocity(executed):
     # Random weights: the camera inputs move the velocity by O(1) (about 0.7 measured); 0.01 rules out an ignored
     # camera branch (exactly 0) without depending on the draw.
     assert change > 0.01
+
+
+@pytest.mark.slow
+def test_ablations_smoke_run_gives_finite_metrics_per_variant_and_writes_the_figures(tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    from sanawm_jax import ablation
+
+    monkeypatch.setenv("SMOKE", "1")
+    monkeypatch.setenv("ABLATION_OUT", str(tmp_path))
+    notebook = nbformat.read(ABLATIONS, as_version=4)
+    NotebookClient(notebook, timeout=1800, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["sizes"]["train_steps"] == 2  # the smoke sizes were used
+    assert sorted(summary["variants"]) == sorted(ablation.VARIANTS)
+    for name, metrics in summary["variants"].items():
+        for key in ("psnr", "ssim", "yaw_deg", "forward_m"):
+            assert len(metrics[key]["per_seed"]) >= 3, (name, key)
+            assert all(math.isfinite(value) for value in metrics[key]["per_seed"]), (name, key)
+    assert math.isfinite(summary["vae_ceiling"]["psnr"])
+    for name in ABLATION_FIGURES:
+        assert (tmp_path / name).stat().st_size > 1000, name
