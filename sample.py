@@ -58,9 +58,10 @@ from sanawm_jax.ops.context_parallel import CONTEXT_IMPLS
 from sanawm_jax.overlay import draw_action_overlay
 from sanawm_jax.parallel import param_shardings
 
-# The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`. Per mode: the causal
-# modes get enough frames for two chunks (49 pixel frames = 7 latent frames = 4 + 3).
-DEMO_DEFAULTS = {"steps": 4, "prompt": "A quiet room with colourful objects"}
+# The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`, its prompt the caption of
+# the bundled courtyard. Per mode: the causal modes get enough frames for two chunks (49 pixel frames = 7 latent
+# frames = 4 + 3).
+DEMO_DEFAULTS = {"steps": 4}
 DEMO_NUM_FRAMES = {"bidirectional": 17, "chunk_causal": 49, "streaming": 49}
 STREAM_FPS = 16  # pixel frames per second of generated video, for the real-time factor
 
@@ -238,7 +239,9 @@ def main(argv=None):
         target_size = demo.TARGET_SIZE
         image_path = args.image or demo.asset_path(demo.EXAMPLE_IMAGE)
         intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics else demo.example_intrinsics()
-        for name, value in {**DEMO_DEFAULTS, "num_frames": DEMO_NUM_FRAMES[args.mode]}.items():
+        demo_defaults = {**DEMO_DEFAULTS, "num_frames": DEMO_NUM_FRAMES[args.mode],
+                         "prompt": demo.example_description()["caption"]}
+        for name, value in demo_defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
         if args.action is None and args.c2w is None:
@@ -274,8 +277,13 @@ def main(argv=None):
     cache_dir = cli.apply_compilation_cache_flags(args)
     overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl", "context_impl", "mode") if getattr(args, name)}
     if args.checkpoint is None:
-        report_stage(f"building the tiny demo models, {args.mode} DiT (random weights from seed {args.seed}: "
-                     f"the video has structure but no meaning)" + (f"; compilation cache {cache_dir}" if cache_dir else ""))
+        if demo.has_trained_weights(**overrides):
+            weights = "trained DiT and VAE, random text encoder"
+        else:
+            weights = (f"random weights from seed {args.seed}: this mode has no trained tiny weights, so the video "
+                       f"has structure but no meaning")
+        report_stage(f"building the tiny demo models, {args.mode} DiT ({weights})"
+                     + (f"; compilation cache {cache_dir}" if cache_dir else ""))
         world = demo.demo_world_model(args.seed, **overrides)
     else:
         report_stage(f"loading {args.checkpoint}" + (f"; compilation cache {cache_dir}" if cache_dir else ""))

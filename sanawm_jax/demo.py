@@ -1,9 +1,16 @@
-"""The embedded default of `sample.py`: tiny models with seeded random weights, a byte-level tokenizer, and a bundled
-first frame with its intrinsics, so the whole pipeline runs on a fresh machine without downloads. The video it makes
-is not meaningful (the weights are random); it exercises every stage end to end."""
+"""The embedded default of `sample.py`: tiny models, a byte-level tokenizer, and a bundled first frame (a synthetic
+courtyard) with its intrinsics, so the whole pipeline runs on a fresh machine without downloads.
+
+In the bidirectional mode the DiT and the VAE carry trained weights (`DEMO_WEIGHTS`, built by
+`python -m sanawm_jax.demo_weights`): the VAE was trained as an autoencoder on synthetic courtyards and the DiT on
+their latents, so the video shows the courtyard moving along the camera path. The text encoder keeps seeded random
+weights (the DiT was trained on its embeddings of the scenes' captions), and so does every model of the other modes,
+which have no trained tiny weights.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from importlib import resources
@@ -28,12 +35,15 @@ from sanawm_jax.models.refiner.checkpoint import abstract_connector_params, abst
 from sanawm_jax.models.refiner.config import CONNECTOR_PRESETS, REFINER_PRESETS
 from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
 from sanawm_jax.models.refiner.transformer import RefinerTransformer
-from sanawm_jax.models.sana_wm.config import PRESETS
+from sanawm_jax.models.sana_wm.config import PRESETS, SanaWMConfig
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params
 
 TARGET_SIZE = (128, 224)
-EXAMPLE_IMAGE = "example.png"
-EXAMPLE_INTRINSICS = "example_intrinsics.json"
+EXAMPLE_IMAGE = "courtyard.png"
+EXAMPLE_INTRINSICS = "courtyard.json"
+DEMO_WEIGHTS = "demo_weights.safetensors"
+TRAINED_MODES = ("bidirectional",)
+TEXT_ENCODER_SEED = 0  # the random text encoder the trained DiT was trained with
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 REFINER_TEXT_LENGTH = 64  # tokens (the release: 1024)
 DEMO_DATA = {"num_clips": 4, "num_frames": 17, "height": 64, "width": 96}
@@ -43,9 +53,16 @@ def asset_path(name: str):
     return resources.files("sanawm_jax") / "assets" / name
 
 
+def example_description() -> dict:
+    """What `courtyard.json` records of the bundled first frame: "intrinsics" [fx, fy, cx, cy] in its pixels,
+    "caption", and "synthetic_clip" {"seed", "index", "num_frames"}, the held-out synthetic clip whose first frame
+    it is (`data.synthetic.generate_clip(seed, index, num_frames, *TARGET_SIZE)` renders its ground truth)."""
+    return json.loads(asset_path(EXAMPLE_INTRINSICS).read_text())
+
+
 def example_intrinsics() -> list[float]:
     """[fx, fy, cx, cy] of the bundled example image, in its pixels."""
-    return json.loads(asset_path(EXAMPLE_INTRINSICS).read_text())["intrinsics"]
+    return example_description()["intrinsics"]
 
 
 def byte_tokenizer():
@@ -100,14 +117,20 @@ def random_params(abstract, rng: np.random.Generator) -> dict:
     return jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
 
 
-def demo_world_model(seed: int = 0, **config_overrides) -> WorldModel:
+def demo_config(**config_overrides):
+    """The tiny DiT config of the demo (its input channels those of the tiny VAE), with `config_overrides`."""
+    vae_config = VAE_PRESETS["ltx2_video_tiny"]
+    return PRESETS["sana_wm_tiny"].replace(in_channels=vae_config.latent_channels, **config_overrides)
+
+
+def random_world_model(seed: int = 0, **config_overrides) -> WorldModel:
     """Tiny DiT, VAE and Gemma-2 with `random_params` drawn from `seed`; `config_overrides` replace DiT config
     fields (e.g. `gdn_impl`, `attention_impl`, `mode`). A streaming DiT comes with a causal VAE decoder (as the
     streaming release's ltx2_causal_vae), so its blocks decode as they are generated."""
     vae_config = VAE_PRESETS["ltx2_video_tiny"]
     if config_overrides.get("mode") == "streaming":
         vae_config = vae_config.replace(decoder_causal=True)
-    config = PRESETS["sana_wm_tiny"].replace(in_channels=vae_config.latent_channels, **config_overrides)
+    config = demo_config(**config_overrides)
     tokenizer = byte_tokenizer()
     gemma_config = tiny_gemma_config(config.caption_channels, len(tokenizer))
     rng = np.random.default_rng(seed)
@@ -139,6 +162,69 @@ def demo_refiner(seed: int = 0, latent_channels: int | None = None) -> Refiner:
                                  random_params(abstract_connector_params(connectors), rng),
                                  max_sequence_length=REFINER_TEXT_LENGTH)
     return Refiner(RefinerTransformer(config), random_params(abstract_refiner_params(config), rng), encoder)
+
+
+def has_trained_weights(**config_overrides) -> bool:
+    """Whether `demo_world_model` gives trained weights for these DiT config overrides (the bidirectional mode)."""
+    return demo_config(**config_overrides).mode in TRAINED_MODES
+
+
+def save_trained_weights(path, dit_config, dit_params, vae_config, vae_params) -> Path:
+    """One safetensors file: every array under "transformer/<path>" or "vae/<path>" (float32), both configs as
+    JSON in its metadata. The bytes are a function of the arrays and configs."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for prefix, params in (("transformer", dit_params), ("vae", vae_params)):
+        for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            name = "/".join(str(key.key) for key in key_path)
+            tensors[f"{prefix}/{name}"] = np.ascontiguousarray(np.asarray(leaf, np.float32))
+    metadata = {"transformer_config": json.dumps(dit_config.to_dict(), sort_keys=True),
+                "vae_config": json.dumps(vae_config.to_dict(), sort_keys=True)}
+    save_file(tensors, str(path), metadata=metadata)
+    return Path(path)
+
+
+def load_trained_weights(path=None, **config_overrides):
+    """(DiT config with `config_overrides`, DiT params, VAE config, VAE params) from a file of
+    `save_trained_weights` (default: the bundled `DEMO_WEIGHTS`); raises ValueError if its arrays do not match
+    the configs it names."""
+    from safetensors import safe_open
+
+    path = Path(path) if path is not None else asset_path(DEMO_WEIGHTS)
+    with safe_open(str(path), framework="numpy") as stored:
+        metadata = stored.metadata()
+        tensors = {name: stored.get_tensor(name) for name in stored.keys()}
+    dit_config = SanaWMConfig.from_dict(json.loads(metadata["transformer_config"])).replace(**config_overrides)
+    vae_config = vae.VAEConfig.from_dict(json.loads(metadata["vae_config"]))
+
+    def tree(prefix, abstract):
+        def take(key_path, leaf):
+            name = f"{prefix}/" + "/".join(str(key.key) for key in key_path)
+            if name not in tensors or tensors[name].shape != leaf.shape:
+                raise ValueError(f"{path}: {name} is {tensors[name].shape if name in tensors else 'absent'}, the "
+                                 f"config needs {leaf.shape}")
+            return tensors.pop(name)
+
+        return jax.device_put(jax.tree_util.tree_map_with_path(take, abstract))
+
+    dit_params = tree("transformer", abstract_params(dit_config))
+    vae_params = tree("vae", abstract_vae_params(vae_config))
+    if tensors:
+        raise ValueError(f"{path}: arrays the configs do not have: {sorted(tensors)[:3]}")
+    return dit_config, dit_params, vae_config, vae_params
+
+
+def demo_world_model(seed: int = 0, **config_overrides) -> WorldModel:
+    """The embedded demo models. Bidirectional mode (`has_trained_weights`): the trained DiT and VAE of
+    `DEMO_WEIGHTS` and the random text encoder of `TEXT_ENCODER_SEED` (`seed` then only seeds the sampling noise,
+    not these models); other modes: `random_world_model(seed)`. `config_overrides` replace DiT config fields."""
+    if not has_trained_weights(**config_overrides):
+        return random_world_model(seed, **config_overrides)
+    world = random_world_model(TEXT_ENCODER_SEED, **config_overrides)
+    dit_config, dit_params, vae_config, vae_params = load_trained_weights(**config_overrides)
+    return dataclasses.replace(world, model=SanaWMTransformer(dit_config), params=dit_params,
+                               vae_config=vae_config, vae_params=vae_params)
 
 
 def build_demo_dataset(data_dir, seed: int = 0) -> tuple[Path, Path]:
