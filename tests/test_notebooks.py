@@ -41,12 +41,14 @@ def test_notebook_is_valid_installs_first_and_its_code_compiles(path):
         compile(cell.source, f"{path.name}[code cell {index}]", "exec")
 
 
-@pytest.mark.parametrize("path", [QUICKSTART, ABLATIONS], ids=lambda path: path.stem)
-def test_notebook_is_committed_with_its_outputs(path):
-    notebook = nbformat.read(path, as_version=4)
-    images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+def test_notebooks_are_committed_with_their_outputs():
+    quickstart = nbformat.read(QUICKSTART, as_version=4)
+    images = [output for cell in quickstart.cells if cell.cell_type == "code" for output in cell.outputs
               if "image/png" in output.get("data", {})]
-    assert images, f"{path.name} is committed without its figures"
+    assert images, "the quickstart is committed without its frame sheet"
+    ablations = nbformat.read(ABLATIONS, as_version=4)
+    # The ablations save their figures to files (ABLATION_OUT); the committed run shows the printed table.
+    assert any("| variant | PSNR (dB)" in stdout(cell) for cell in ablations.cells if cell.cell_type == "code")
 
 
 @pytest.fixture(scope="module")

@@ -77,5 +77,5 @@ def camera_following_error(clip: SyntheticClip, generated, frames) -> dict[str, 
 
 def grid_resolution() -> tuple[float, float]:
     """(yaw step in degrees, forward step in metres) of the candidate grid: the finest error it can tell apart."""
-    return float(YAW_OFFSETS_DEG[1] - YAW_OFFSETS_DEG[0]), float(FORWARD_OFFSETS_M[1] - FORWARD_OFFSETS_M[0])
+    return float(YAW_OFFSETS_DEG[1] - YAW_OFFSETS_DEG[0]), round(float(FORWARD_OFFSETS_M[1] - FORWARD_OFFSETS_M[0]), 6)
 
