@@ -41,11 +41,16 @@ def ray_transforms(camera_conditions, grid, patch_size, head_dim: int, max_seq_l
 
 def ucpe_transform(x, matrices, angles, inverse_rope: bool = False):
     """x (B, N, H, D) -> same, float32: first D/2 channels in groups of 4 times the token's 4x4 matrix, last D/2
-    rotated by `angles` (N, D/4)."""
+    rotated by `angles` (N, D/4).
+
+    The 4x4 products are written as four multiply-adds of matrix columns: XLA fuses them with the rest of the
+    transform into one elementwise pass, where an einsum becomes a batched matmul of N tiny 4x4 matrices.
+    """
     b, n, h, d = x.shape
     x = x.astype(jnp.float32)
-    projected = x[..., : d // 2].reshape(b, n, h, d // 8, 4)
-    projected = jnp.einsum("bnij,bnhgj->bnhgi", matrices, projected).reshape(b, n, h, d // 2)
+    groups = x[..., : d // 2].reshape(b, n, h, d // 8, 4)
+    columns = matrices.astype(jnp.float32)[:, :, None, None]  # (B, N, 1, 1, 4, 4)
+    projected = sum(columns[..., j] * groups[..., j, None] for j in range(4)).reshape(b, n, h, d // 2)
     rotated = apply_rope(x[..., d // 2 :], angles, inverse=inverse_rope)
     return jnp.concatenate([projected, rotated], axis=-1)
 
