@@ -191,7 +191,7 @@ def metric_relative_poses(clip: Clip) -> Clip:
 
 def attach_camera_tensors(clip: Clip, target_size: tuple[int, int], vae_stride: tuple[int, int, int]) -> Clip:
     """camera_conditions (T, 20) and chunk_plucker (T, h, w, 6*stride_t) by `camera.prepare_camera`, on the host CPU."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         conditions, plucker = camera.prepare_camera(clip.c2w, clip.intrinsics, target_size, vae_stride)
     return dataclasses.replace(clip, camera_conditions=np.asarray(conditions), chunk_plucker=np.asarray(plucker))
 
