@@ -46,7 +46,6 @@ def test_streaming_refine_pushes_blocks_and_equals_whole_clip_refinement(tmp_pat
     saved stage-1 latents as one clip with the same seed."""
     import jax
 
-    from sample import DEMO_DEFAULTS
     from sanawm_jax.models.refiner.sampler import frame_noise, refine_latents
 
     sample.main(["--mode", "streaming", "--refine", "--out", str(tmp_path / "demo.mp4"), "--no-compilation-cache"])
@@ -54,7 +53,7 @@ def test_streaming_refine_pushes_blocks_and_equals_whole_clip_refinement(tmp_pat
     with np.load(tmp_path / "demo.latents.npz") as first, np.load(tmp_path / "demo.refined.latents.npz") as second:
         stage1, streamed = first["latents"][None], second["latents"][None]
     refiner = demo.demo_refiner(0, stage1.shape[-1])
-    text, mask = refiner.text_encoder.encode(DEMO_DEFAULTS["prompt"])
+    text, mask = refiner.text_encoder.encode(demo.example_description()["caption"])
     whole = refine_latents(refiner.model, refiner.params, stage1, text, mask,
                            frame_noise(jax.random.key(0), stage1.shape), fps=16.0)
     np.testing.assert_allclose(streamed, np.asarray(whole), rtol=0, atol=1e-5)
