@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sanawm_jax import camera, cli, demo
-from sanawm_jax.checkpoint import store
 from sanawm_jax.data.video import VideoWriter
 from sanawm_jax.diffusion.scheduler import SamplerConfig
 from sanawm_jax.diffusion.streaming import StreamingSamplerConfig
@@ -57,6 +56,7 @@ from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS, MODES
 from sanawm_jax.ops.context_parallel import CONTEXT_IMPLS
 from sanawm_jax.overlay import draw_action_overlay
 from sanawm_jax.parallel import param_shardings
+from sanawm_jax.pipeline import checkpoint_mode
 
 # The demo's camera path (without --action or --c2w) is `demo.default_action(num_frames)`, its prompt the caption of
 # the bundled courtyard. Per mode: the causal modes get enough frames for two chunks (49 pixel frames = 7 latent
@@ -79,13 +79,6 @@ def parse_intrinsics(value: str) -> np.ndarray:
     if numbers is None or numbers.shape != (4,):
         raise cli.UsageError(f"--intrinsics takes fx,fy,cx,cy (four numbers) or a .npy file, got {value!r}")
     return numbers
-
-
-def checkpoint_mode(ckpt_dir) -> str | None:
-    """The mode a converted checkpoint's DiT was saved with (None when its transformer/ is missing: the checkpoint
-    check reports that)."""
-    config = Path(ckpt_dir) / "transformer" / store.CONFIG_FILE
-    return store.read_config(config.parent).get("mode", "bidirectional") if config.is_file() else None
 
 
 def parse_denoising_steps(value: str) -> StreamingSamplerConfig:

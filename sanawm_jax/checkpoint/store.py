@@ -25,13 +25,19 @@ PARAMS_DIR = "params"
 PART_PREFIX = "part-"
 
 
-def save_params(out_dir, params, config: dict) -> Path:
-    """Write `config` and `params` (numpy or jax arrays) into `out_dir`, which must not already hold params."""
+def _start_params_dir(out_dir, config: dict) -> Path:
+    """Create `out_dir` (which must not already hold params) and write `config` into it."""
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / PARAMS_DIR).exists():
         raise FileExistsError(f"{out_dir / PARAMS_DIR} already exists; choose an empty output directory")
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def save_params(out_dir, params, config: dict) -> Path:
+    """Write `config` and `params` (numpy or jax arrays) into `out_dir`, which must not already hold params."""
+    out_dir = _start_params_dir(out_dir, config)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / PARAMS_DIR, params)
     return out_dir
@@ -40,11 +46,7 @@ def save_params(out_dir, params, config: dict) -> Path:
 def save_params_in_parts(out_dir, parts, config: dict) -> Path:
     """Like `save_params`, from an iterable of flat {path tuple: array} parts written one at a time (the caller's
     memory holds one part)."""
-    out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / PARAMS_DIR).exists():
-        raise FileExistsError(f"{out_dir / PARAMS_DIR} already exists; choose an empty output directory")
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    out_dir = _start_params_dir(out_dir, config)
     with ocp.StandardCheckpointer() as checkpointer:
         for index, part in enumerate(parts):
             checkpointer.save(out_dir / PARAMS_DIR / f"{PART_PREFIX}{index:05d}", unflatten(part))
