@@ -108,21 +108,33 @@ def test_later_chunks_do_not_reach_earlier_ones(tiny_params):
                 assert rel(changed[:, start:], reference[:, start:]) > LEAK_MIN
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("index", [0, 3], ids=["gdn", "softmax"])
-def test_released_width_block(index):
-    """One block of the 2.6B config (hidden 2240, 20 heads of 112) on a 7-frame 2x2 grid."""
+RELEASED_WIDTH_GRID = (7, 2, 2)  # frames, height, width of the released-width block checks
+
+
+def released_width_block_inputs(index):
+    """(config, rng, (x, text, text_mask, t_mod, camera conditions, plucker)): float32 inputs of block `index` of the
+    2.6B config (hidden 2240, 20 heads of 112) on a 7-frame 2x2 grid with 3 text tokens, drawn from seed `index`."""
     config = PRESETS["sana_wm_2.6b"].replace(num_layers=4)
-    frames, height, width, text_len = 7, 2, 2, 3
-    grid = (frames, height, width)
+    (frames, height, width), text_len = RELEASED_WIDTH_GRID, 3
     rng = np.random.default_rng(index)
     c = config.hidden_size
     x = jnp.asarray(rng.standard_normal((1, frames, height * width, c)), jnp.float32)
     text = jnp.asarray(rng.standard_normal((1, text_len, c)), jnp.float32)
     text_mask = jnp.ones((1, text_len), jnp.int32)
     t_mod = jnp.asarray(rng.standard_normal((1, frames, 6 * c)) * 0.1, jnp.float32)
-    conditions, _ = camera_inputs(rng, 1, frames, height, width)
+    conditions = jnp.asarray(camera_inputs(rng, 1, frames, height, width)[0])
     plucker = jnp.asarray(rng.standard_normal((1, frames, height * width, c)) * 0.1, jnp.float32)
+    return config, rng, (x, text, text_mask, t_mod, conditions, plucker)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 3], ids=["gdn", "softmax"])
+def test_released_width_block(index):
+    """One block of the 2.6B config (hidden 2240, 20 heads of 112) on a 7-frame 2x2 grid."""
+    config, rng, (x, text, text_mask, t_mod, conditions, plucker) = released_width_block_inputs(index)
+    frames, height, width = RELEASED_WIDTH_GRID
+    grid = RELEASED_WIDTH_GRID
+    c = config.hidden_size
     rope = rope_angles(grid, config.linear_head_dim, config.rope_max_seq_len)
     transforms = ucpe.ray_transforms(jnp.asarray(conditions), grid, config.patch_size, config.linear_head_dim,
                                      config.rope_max_seq_len)

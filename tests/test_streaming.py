@@ -21,8 +21,7 @@ from sanawm_jax.models.sana_wm.config import PRESETS
 from sanawm_jax.models.sana_wm.layers import rope_angles
 from sanawm_jax.models.sana_wm.streaming import block_bounds, init_stream_state
 from sanawm_jax.models.sana_wm.transformer import SanaWMBlock, SanaWMTransformer, abstract_params
-from tests.test_chunk_causal import model_inputs, rel
-from tests.test_transformer_parity import camera_inputs
+from tests.test_chunk_causal import RELEASED_WIDTH_GRID, model_inputs, rel, released_width_block_inputs
 
 STREAM_REL_TOL = 1e-5
 # The tiny preset cut to one block of each kind (GDN, softmax): half the compilation of the 4-block preset.
@@ -102,16 +101,8 @@ def test_block_layout_and_errors(tiny_params):
 def test_released_width_block(index):
     """One block of the 2.6B config (hidden 2240, 20 heads of 112) on a 7-frame 2x2 grid: blocks of 4 and 3 frames
     with carried caches equal the chunk-causal block."""
-    config = PRESETS["sana_wm_2.6b"].replace(num_layers=4)
-    frames, height, width, text_len = 7, 2, 2, 3
-    rng = np.random.default_rng(index)
-    c = config.hidden_size
-    x = jnp.asarray(rng.standard_normal((1, frames, height * width, c)), jnp.float32)
-    text = jnp.asarray(rng.standard_normal((1, text_len, c)), jnp.float32)
-    text_mask = jnp.ones((1, text_len), jnp.int32)
-    t_mod = jnp.asarray(rng.standard_normal((1, frames, 6 * c)) * 0.1, jnp.float32)
-    conditions = jnp.asarray(camera_inputs(rng, 1, frames, height, width)[0])
-    plucker = jnp.asarray(rng.standard_normal((1, frames, height * width, c)) * 0.1, jnp.float32)
+    config, rng, (x, text, text_mask, t_mod, conditions, plucker) = released_width_block_inputs(index)
+    frames, height, width = RELEASED_WIDTH_GRID
 
     def geometry(start, end):
         grid = (end - start, height, width)
