@@ -27,6 +27,19 @@ ACTIVATION = "gelu_pytorch_tanh"
 Dtype = Any
 
 
+def decoder_checks(cfg) -> list[tuple[bool, str]]:
+    """The (condition, message) checks every Gemma decoder config shares (layer types, head grouping, RoPE pairs,
+    window)."""
+    return [
+        (len(cfg.layer_types) == cfg.num_hidden_layers, "layer_types needs one entry per layer"),
+        (all(kind in LAYER_TYPES for kind in cfg.layer_types), f"layer_types entries must be in {LAYER_TYPES}"),
+        (cfg.num_attention_heads % cfg.num_key_value_heads == 0,
+         "num_attention_heads must be a multiple of num_key_value_heads"),
+        (cfg.head_dim % 2 == 0, "head_dim must be even (rotary pairs)"),
+        (cfg.sliding_window is None or cfg.sliding_window > 0, "sliding_window must be positive or None"),
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Gemma2Config(FrozenConfig, DtypePolicy):
     """Gemma-2 architecture (Hugging Face field names; defaults are Gemma-2-2B's) plus our numerics policy.
@@ -57,15 +70,7 @@ class Gemma2Config(FrozenConfig, DtypePolicy):
             default = tuple(LAYER_TYPES[i % 2] for i in range(self.num_hidden_layers))
             object.__setattr__(self, "layer_types", default)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        checks = [
-            (len(self.layer_types) == self.num_hidden_layers, "layer_types needs one entry per layer"),
-            (all(kind in LAYER_TYPES for kind in self.layer_types), f"layer_types entries must be in {LAYER_TYPES}"),
-            (self.num_attention_heads % self.num_key_value_heads == 0,
-             "num_attention_heads must be a multiple of num_key_value_heads"),
-            (self.head_dim % 2 == 0, "head_dim must be even (rotary pairs)"),
-            (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None"),
-        ]
-        self.check(checks + self.dtype_checks())
+        self.check(decoder_checks(self) + self.dtype_checks())
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str = "float32"):

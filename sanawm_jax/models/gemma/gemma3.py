@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from sanawm_jax.dtypes import DtypePolicy
 from sanawm_jax.frozen_config import FrozenConfig
 from sanawm_jax.models.gemma.gemma2 import (
-    LAYER_TYPES,
     Gemma2DecoderLayer,
     Gemma2RMSNorm,
+    decoder_checks,
     rotary_tables,
     scaled_embeddings,
     visibility_mask,
@@ -36,7 +36,7 @@ ROPE_TYPES = ("default", "linear")
 class Gemma3Config(FrozenConfig, DtypePolicy):
     """Gemma-3 text architecture (Hugging Face field names; defaults are Hugging Face's `Gemma3TextConfig` ones).
 
-    layer_types: one of LAYER_TYPES per layer; empty means every `sliding_window_pattern`-th layer global.
+    layer_types: one of gemma2.LAYER_TYPES per layer; empty means every `sliding_window_pattern`-th layer global.
     rope_scaling_factor: linear RoPE scaling of the global layers (1 = none).
     """
 
@@ -67,15 +67,8 @@ class Gemma3Config(FrozenConfig, DtypePolicy):
                             for i in range(self.num_hidden_layers))
             object.__setattr__(self, "layer_types", default)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        self.check([
-            (len(self.layer_types) == self.num_hidden_layers, "layer_types needs one entry per layer"),
-            (all(kind in LAYER_TYPES for kind in self.layer_types), f"layer_types entries must be in {LAYER_TYPES}"),
-            (self.num_attention_heads % self.num_key_value_heads == 0,
-             "num_attention_heads must be a multiple of num_key_value_heads"),
-            (self.head_dim % 2 == 0, "head_dim must be even (rotary pairs)"),
-            (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None"),
-            (self.rope_scaling_factor >= 1.0, "rope_scaling_factor must be >= 1"),
-        ] + self.dtype_checks())
+        self.check(decoder_checks(self) + [(self.rope_scaling_factor >= 1.0, "rope_scaling_factor must be >= 1")]
+                   + self.dtype_checks())
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str = "float32"):
