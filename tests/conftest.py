@@ -51,6 +51,25 @@ def randomize_(module, seed: int, scale: float = 0.05):
     return module
 
 
+def tiny_vae_oracle(*, stats_seed: int, init_seed: int = 0, weight_seed: int | None = None, mean_scale: float = 0.5,
+                    **config):
+    """A diffusers `AutoencoderKLLTX2Video` of the tiny preset (config entries override it), in eval mode, with
+    non-trivial latent statistics (mean ~ mean_scale * N(0, 1), std in [0.5, 1.5)) and, given weight_seed, every
+    weight non-zero random."""
+    import torch
+    from diffusers import AutoencoderKLLTX2Video
+
+    torch.manual_seed(init_seed)
+    vae = AutoencoderKLLTX2Video(**{**TINY_VAE_DIFFUSERS_CONFIG, **config}).eval()
+    if weight_seed is not None:
+        randomize_(vae, seed=weight_seed)
+    generator = torch.Generator().manual_seed(stats_seed)
+    with torch.no_grad():
+        vae.latents_mean.copy_(mean_scale * torch.randn(vae.latents_mean.shape, generator=generator))
+        vae.latents_std.copy_(0.5 + torch.rand(vae.latents_std.shape, generator=generator))
+    return vae
+
+
 @pytest.fixture(scope="session")
 def tiny_oracle():
     """A randomised tiny diffusers SanaWMTransformer3DModel (float64, eval mode) and its config dict."""

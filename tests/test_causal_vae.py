@@ -15,13 +15,12 @@ import chex
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLLTX2Video
 
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
 from sanawm_jax.data.video import VideoWriter, read_video_window
 from sanawm_jax.models.ltx2_vae import VAE_PRESETS, CausalDecoder, VAEConfig, convert_vae, decode, video_to_uint8
 from sanawm_jax.models.ltx2_vae.checkpoint import convert_vae_state_dict
-from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
+from tests.conftest import tiny_vae_oracle
 
 FP32_TOLERANCE = 1e-4
 CHUNKED_TOLERANCE = 1e-5
@@ -32,14 +31,7 @@ LATENT_GRID = (2, 3)  # non-square, >= 2 for the decoder's reflect padding
 @pytest.fixture(scope="module")
 def causal_oracle():
     """Tiny float32 diffusers VAE with a causal decoder, every weight and both latent statistics non-zero random."""
-    torch.manual_seed(0)
-    vae = AutoencoderKLLTX2Video(**{**TINY_VAE_DIFFUSERS_CONFIG, "decoder_causal": True}).eval()
-    randomize_(vae, seed=5)
-    generator = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        vae.latents_mean.copy_(0.5 * torch.randn(vae.latents_mean.shape, generator=generator))
-        vae.latents_std.copy_(0.5 + torch.rand(vae.latents_std.shape, generator=generator))
-    return vae
+    return tiny_vae_oracle(weight_seed=5, stats_seed=6, decoder_causal=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from sanawm_jax.data.pipeline import DataConfig, RejectedClips, make_dataset
 from sanawm_jax.data.sources import ClipDirectorySource
 from sanawm_jax.data.transforms import resize_crop_frames
 from sanawm_jax.data.video import read_video_window
-from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG
+from tests.conftest import tiny_vae_oracle
 
 NUM_CLIPS, SOURCE_FRAMES, HEIGHT, WIDTH = 3, 25, 64, 96
 TARGET = (64, 64)
@@ -132,14 +132,7 @@ def test_text_cli_encodes_dataset_captions_and_import_stores_precomputed_ones(tm
 @pytest.fixture(scope="module")
 def tiny_vae_folder(tmp_path_factory):
     """A randomised diffusers LTX-2 VAE (strides t8/h32/w32, 8 latent channels) saved as a diffusers folder."""
-    import torch
-    from diffusers import AutoencoderKLLTX2Video
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLLTX2Video(**TINY_VAE_DIFFUSERS_CONFIG, scaling_factor=0.7).eval()
-    generator = torch.Generator().manual_seed(1)
-    vae.latents_mean.copy_(0.1 * torch.randn(vae.latents_mean.shape, generator=generator))
-    vae.latents_std.copy_(0.5 + torch.rand(vae.latents_std.shape, generator=generator))
+    vae = tiny_vae_oracle(stats_seed=1, mean_scale=0.1, scaling_factor=0.7)
     folder = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(folder)
     return folder

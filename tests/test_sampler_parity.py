@@ -20,7 +20,6 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLLTX2Video,
     FlowMatchEulerDiscreteScheduler,
     SanaWMPipeline,
 )
@@ -33,7 +32,7 @@ from sanawm_jax.diffusion.scheduler import flow_sigmas
 from sanawm_jax.models.sana_wm.checkpoint import convert_state_dict
 from sanawm_jax.models.sana_wm.config import SanaWMConfig
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer
-from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG
+from tests.conftest import tiny_vae_oracle
 
 HEIGHT, WIDTH, NUM_FRAMES = 64, 96, 17  # -> 3 latent frames of 2x3 tokens
 VAE_STRIDE = (8, 32, 32)
@@ -44,12 +43,7 @@ INTRINSICS = np.array([70.0, 75.0, 47.5, 31.0], np.float32)  # fx, fy, cx, cy of
 
 def tiny_vae():
     """A randomised LTX-2 VAE with the released strides (t8/h32/w32), 8 latent channels and non-trivial latent stats."""
-    torch.manual_seed(3)
-    vae = AutoencoderKLLTX2Video(**TINY_VAE_DIFFUSERS_CONFIG, scaling_factor=0.7).eval()
-    generator = torch.Generator().manual_seed(4)
-    vae.latents_mean.copy_(0.1 * torch.randn(8, generator=generator))
-    vae.latents_std.copy_(0.5 + torch.rand(8, generator=generator))
-    return vae
+    return tiny_vae_oracle(init_seed=3, stats_seed=4, mean_scale=0.1, scaling_factor=0.7)
 
 
 def camera_trajectory():

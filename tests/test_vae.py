@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLLTX2Video
 from diffusers.video_processor import VideoProcessor
 
 from sanawm_jax.checkpoint.keymap import ConversionError
@@ -33,7 +32,7 @@ from sanawm_jax.models.ltx2_vae.checkpoint import (
     convert_vae_state_dict,
     torch_key,
 )
-from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, randomize_
+from tests.conftest import TINY_VAE_DIFFUSERS_CONFIG, tiny_vae_oracle
 
 # The `ltx2_video_tiny` preset in diffusers' spelling. The compression ratios must be explicit: diffusers' default
 # derivation assumes every block scales time and space (64/16).
@@ -50,14 +49,7 @@ def rel_l2(actual, expected):
 @pytest.fixture(scope="module")
 def oracle():
     """Tiny float32 diffusers VAE with every weight and both latent statistics non-zero random."""
-    torch.manual_seed(0)
-    vae = AutoencoderKLLTX2Video(**TINY_VAE_DIFFUSERS_CONFIG).eval()
-    randomize_(vae, seed=3)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        vae.latents_mean.copy_(0.5 * torch.randn(vae.latents_mean.shape, generator=generator))
-        vae.latents_std.copy_(0.5 + torch.rand(vae.latents_std.shape, generator=generator))
-    return vae
+    return tiny_vae_oracle(weight_seed=3, stats_seed=4)
 
 
 @pytest.fixture(scope="module")
