@@ -51,7 +51,7 @@ def speed(size: str, args) -> None:
     from timing import interleaved, machine_state, report_machine
 
     from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-    from sanawm_jax.models.refiner.checkpoint import convert_refiner
+    from sanawm_jax.models.refiner.checkpoint import convert
     from sanawm_jax.models.refiner.config import RefinerConfig
     from sanawm_jax.models.refiner.sampler import forward, frame_rope
     from sanawm_jax.models.refiner.transformer import KVPrefix, RefinerTransformer
@@ -64,7 +64,7 @@ def speed(size: str, args) -> None:
         for param in oracle.parameters():
             param.normal_(0, 0.02)
     config = RefinerConfig.from_diffusers_config(dconfig)
-    params = convert_refiner(TorchStateDictSource(oracle.state_dict(), "random"), config, log=lambda *_: None)
+    params = convert(TorchStateDictSource(oracle.state_dict(), "random"), config, log=lambda *_: None)
     model = RefinerTransformer(config)
     height, width = SIZES[size]["grid"]
     rng = np.random.default_rng(0)

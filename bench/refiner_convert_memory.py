@@ -70,15 +70,12 @@ def write_sparse_shards(folder: Path, shapes: dict[str, tuple[int, ...]], shard_
 
 def convert(folder: str, out_dir: str) -> None:
     """The child: convert `folder` into `out_dir` in bf16 parts."""
-    from sanawm_jax.checkpoint.torch_sources import open_diffusers_folder
-    from sanawm_jax.models.refiner.checkpoint import abstract_refiner_params, diffusers_key, is_audio_key
+    from sanawm_jax.models.refiner.checkpoint import convert_groups, open_folder
     from sanawm_jax.models.refiner.config import RefinerConfig
     from sanawm_jax.models.refiner.release import write_converted
 
-    source = open_diffusers_folder(Path(folder))
-    config = RefinerConfig.from_diffusers_config(source.config, param_dtype="bfloat16", dtype="bfloat16")
-    write_converted(Path(out_dir), source, config, abstract_refiner_params(config), diffusers_key,
-                    "the refiner config", is_audio_key, print)
+    source, config = open_folder(folder, RefinerConfig, param_dtype="bfloat16", dtype="bfloat16")
+    write_converted(Path(out_dir), convert_groups(source, config, print), config)
 
 
 def main():

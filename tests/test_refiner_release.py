@@ -72,7 +72,7 @@ def write_release(root, models, layout, drop=None):
 @pytest.mark.parametrize("layout", ["bidirectional", pytest.param("streaming", marks=pytest.mark.slow)])
 def test_release_layout_converts_in_parts_and_loads(tmp_path, release_models, layout):
     from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-    from sanawm_jax.models.refiner.checkpoint import convert_refiner
+    from sanawm_jax.models.refiner.checkpoint import convert
 
     write_release(tmp_path / "release", release_models, layout)
     assert find_refiner_folders(tmp_path / "release").layout == layout
@@ -83,7 +83,7 @@ def test_release_layout_converts_in_parts_and_loads(tmp_path, release_models, la
     assert len(list((out / "text_encoder" / "params").glob("part-*"))) == 3
     model, params, encoder = load_refiner_components(out)
     state, _ = release_models["transformer"]
-    expected = convert_refiner(TorchStateDictSource({k: v.float() for k, v in state.items()}, "ref"), model.config,
+    expected = convert(TorchStateDictSource({k: v.float() for k, v in state.items()}, "ref"), model.config,
                                log=lambda *_: None)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, params), expected)
     text, mask = encoder.encode("a cat")

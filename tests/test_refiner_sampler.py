@@ -16,7 +16,7 @@ from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
 from sanawm_jax.demo import byte_tokenizer
 from sanawm_jax.models.gemma.checkpoint import convert_gemma3_params
 from sanawm_jax.models.gemma.gemma3 import Gemma3Config
-from sanawm_jax.models.refiner.checkpoint import convert_connectors, convert_refiner
+from sanawm_jax.models.refiner.checkpoint import convert
 from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
 from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
 from sanawm_jax.models.refiner.sampler import block_bounds, refine_latents
@@ -68,11 +68,11 @@ def refiner_oracle():
     quiet = lambda *_: None
     encoder = RefinerTextEncoder(tokenizer, gemma_config,
                                  convert_gemma3_params(state_source(text_encoder, "gemma3"), gemma_config, quiet),
-                                 connectors_config, convert_connectors(state_source(connectors, "connectors"),
-                                                                       connectors_config, quiet),
+                                 connectors_config,
+                                 convert(state_source(connectors, "connectors"), connectors_config, quiet),
                                  max_sequence_length=TEXT_LENGTH)
     config = RefinerConfig.from_diffusers_config(transformer_config)
-    params = convert_refiner(state_source(transformer, "refiner"), config, quiet)
+    params = convert(state_source(transformer, "refiner"), config, quiet)
     return pipe, encoder, RefinerTransformer(config), params
 
 

@@ -17,7 +17,7 @@ import torch
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
 from sanawm_jax.models.gemma.checkpoint import convert_gemma3_params
 from sanawm_jax.models.gemma.gemma3 import GEMMA3_PRESETS, Gemma3Config, Gemma3Model
-from sanawm_jax.models.refiner.checkpoint import connector_key_table, convert_connectors, is_audio_key
+from sanawm_jax.models.refiner.checkpoint import convert, is_audio_key, key_table
 from sanawm_jax.models.refiner.config import ConnectorsConfig
 from sanawm_jax.models.refiner.connectors import TextConnectors, normalize_text_states
 from tests.conftest import randomize_
@@ -104,8 +104,8 @@ def test_connectors_match_diffusers(registers):
     oracle, dconfig = connectors_oracle(registers)
     config = ConnectorsConfig.from_diffusers_config(dconfig)
     lines = []
-    params = convert_connectors(TorchStateDictSource({k: v.float() for k, v in oracle.state_dict().items()}, "tiny"),
-                                config, log=lines.append)
+    params = convert(TorchStateDictSource({k: v.float() for k, v in oracle.state_dict().items()}, "tiny"), config,
+                     log=lines.append)
     assert len(lines) == 1 and "audio_connector" in lines[0]
     rng = np.random.default_rng(1)
     _, mask = left_padded(rng, 2)
@@ -127,7 +127,7 @@ def test_released_key_tables():
     with torch.device("meta"):
         model = LTX2TextConnectors()
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items() if not is_audio_key(k)}
-    assert connector_key_table(ConnectorsConfig()) == theirs
+    assert key_table(ConnectorsConfig()) == theirs
 
     from transformers import Gemma3TextConfig, Gemma3TextModel
 

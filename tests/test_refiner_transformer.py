@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sanawm_jax.checkpoint.torch_sources import TorchStateDictSource
-from sanawm_jax.models.refiner.checkpoint import convert_refiner, is_audio_key, refiner_key_table
+from sanawm_jax.models.refiner.checkpoint import convert, is_audio_key, key_table
 from sanawm_jax.models.refiner.config import REFINER_PRESETS, RefinerConfig
 from sanawm_jax.models.refiner.rope import rope_tables, video_fractions
 from sanawm_jax.models.refiner.transformer import KVPrefix, RefinerTransformer
@@ -45,7 +45,7 @@ def build_oracle(**kwargs):
 def converted(oracle, config, log=lambda *_: None):
     ours = RefinerConfig.from_diffusers_config(config)
     state = {k: v.float() for k, v in oracle.state_dict().items()}
-    return ours, convert_refiner(TorchStateDictSource(state, "tiny refiner"), ours, log=log)
+    return ours, convert(TorchStateDictSource(state, "tiny refiner"), ours, log=log)
 
 
 def relative_l2(ours, reference):
@@ -144,7 +144,7 @@ def test_converter_skips_audio_in_one_line_and_is_strict():
     assert len(lines) == 1 and "audio_proj_in.weight" in lines[0] and "audio_attn1" in lines[0]
     state = {k: v.float() for k, v in oracle.state_dict().items() if k != "proj_in.bias"}
     with pytest.raises(ValueError, match="1 missing key.*proj_in.bias"):
-        convert_refiner(TorchStateDictSource(state, "broken"), config, log=lambda *_: None)
+        convert(TorchStateDictSource(state, "broken"), config, log=lambda *_: None)
 
 
 def test_released_key_table_matches_diffusers_meta_model():
@@ -154,5 +154,5 @@ def test_released_key_table_matches_diffusers_meta_model():
     with torch.device("meta"):
         model = SanaWMLTX2RefinerTransformer3DModel()
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    ours = refiner_key_table(REFINER_PRESETS["ltx2_refiner"])
+    ours = key_table(REFINER_PRESETS["ltx2_refiner"])
     assert ours == {k: v for k, v in theirs.items() if not is_audio_key(k)}

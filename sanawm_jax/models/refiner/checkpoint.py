@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from sanawm_jax.checkpoint.keymap import convert_tensors, flatten, torch_name, torch_shape
+from sanawm_jax.checkpoint.keymap import convert_tensor_groups, flatten, torch_name, torch_shape, unflatten
 from sanawm_jax.checkpoint.torch_sources import open_diffusers_folder
 from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
 from sanawm_jax.models.refiner.connectors import TextConnectors
@@ -51,25 +51,6 @@ def abstract_refiner_params(config: RefinerConfig) -> dict:
     return variables["params"]
 
 
-def refiner_key_table(config: RefinerConfig) -> dict[str, tuple[int, ...]]:
-    """{diffusers key: diffusers shape} of every tensor the video path reads."""
-    return {diffusers_key(path): torch_shape(leaf.shape, path[-1])
-            for path, leaf in flatten(abstract_refiner_params(config)).items()}
-
-
-def convert_refiner(source, config: RefinerConfig, log=print) -> dict:
-    """A `TensorSource` of the refiner transformer -> params tree of numpy arrays (strict; audio tensors skipped)."""
-    expected = flatten(abstract_refiner_params(config))
-    return convert_tensors(source, expected, diffusers_key, "the refiner config", is_audio_key, log)
-
-
-def load_refiner(folder, *, param_dtype: str = "float32", dtype: str = "float32", log=print):
-    """A diffusers refiner transformer folder -> (RefinerConfig, params)."""
-    source = open_diffusers_folder(Path(folder))
-    config = RefinerConfig.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=dtype)
-    return config, convert_refiner(source, config, log)
-
-
 def abstract_connector_params(config: ConnectorsConfig) -> dict:
     """Parameter tree of `TextConnectors(config)` as ShapeDtypeStructs (nothing allocated)."""
     length = config.video_connector_num_learnable_registers or 1
@@ -78,20 +59,34 @@ def abstract_connector_params(config: ConnectorsConfig) -> dict:
     return jax.eval_shape(lambda *a: TextConnectors(config).init(jax.random.key(0), *a), states, mask)["params"]
 
 
-def connector_key_table(config: ConnectorsConfig) -> dict[str, tuple[int, ...]]:
-    """{diffusers key: diffusers shape} of every connectors tensor the refiner reads."""
+ABSTRACT_PARAMS = {RefinerConfig: abstract_refiner_params, ConnectorsConfig: abstract_connector_params}
+
+
+def abstract_params(config: RefinerConfig | ConnectorsConfig) -> dict:
+    """Parameter tree of the model `config` configures (`RefinerTransformer` or `TextConnectors`), abstract."""
+    return ABSTRACT_PARAMS[type(config)](config)
+
+
+def key_table(config: RefinerConfig | ConnectorsConfig) -> dict[str, tuple[int, ...]]:
+    """{diffusers key: diffusers shape} of every tensor the model of `config` reads."""
     return {diffusers_key(path): torch_shape(leaf.shape, path[-1])
-            for path, leaf in flatten(abstract_connector_params(config)).items()}
+            for path, leaf in flatten(abstract_params(config)).items()}
 
 
-def convert_connectors(source, config: ConnectorsConfig, log=print) -> dict:
-    """A `TensorSource` of `LTX2TextConnectors` -> params tree of numpy arrays (strict; audio connector skipped)."""
-    expected = flatten(abstract_connector_params(config))
-    return convert_tensors(source, expected, diffusers_key, "the connectors config", is_audio_key, log)
+def convert_groups(source, config: RefinerConfig | ConnectorsConfig, log=print):
+    """A `TensorSource` of the diffusers refiner transformer or connectors -> one flat {path: numpy array} per source
+    shard, after a strict check of every key and shape from the headers (audio tensors skipped in one log line)."""
+    return convert_tensor_groups(source, flatten(abstract_params(config)), diffusers_key,
+                                 f"the {type(config).__name__}", is_audio_key, log)
 
 
-def load_connectors(folder, *, param_dtype: str = "float32", dtype: str = "float32", log=print):
-    """A diffusers `LTX2TextConnectors` folder -> (ConnectorsConfig, params)."""
+def convert(source, config: RefinerConfig | ConnectorsConfig, log=print) -> dict:
+    """`convert_groups` gathered into one params tree of numpy arrays."""
+    return unflatten({path: array for group in convert_groups(source, config, log) for path, array in group.items()})
+
+
+def open_folder(folder, config_class: type[RefinerConfig] | type[ConnectorsConfig], *, param_dtype: str = "float32",
+                dtype: str = "float32"):
+    """A diffusers refiner transformer or `LTX2TextConnectors` folder -> (lazy TensorSource, its config)."""
     source = open_diffusers_folder(Path(folder))
-    config = ConnectorsConfig.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=dtype)
-    return config, convert_connectors(source, config, log)
+    return source, config_class.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=dtype)

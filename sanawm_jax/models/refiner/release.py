@@ -18,15 +18,14 @@ from pathlib import Path
 
 from sanawm_jax.checkpoint import store
 from sanawm_jax.checkpoint.keymap import convert_tensor_groups, flatten
-from sanawm_jax.checkpoint.torch_sources import open_diffusers_folder
 from sanawm_jax.models.gemma.checkpoint import abstract_gemma3_params, gemma3_naming, open_hf_safetensors
 from sanawm_jax.models.gemma.encoder import TOKENIZER_FILE_PATTERNS, TOKENIZER_FILES, load_tokenizer
 from sanawm_jax.models.gemma.gemma3 import Gemma3Config
 from sanawm_jax.models.refiner.checkpoint import (
     abstract_connector_params,
     abstract_refiner_params,
-    diffusers_key,
-    is_audio_key,
+    convert_groups,
+    open_folder,
 )
 from sanawm_jax.models.refiner.config import ConnectorsConfig, RefinerConfig
 from sanawm_jax.models.refiner.prompt import RefinerTextEncoder
@@ -69,8 +68,8 @@ def find_refiner_folders(src) -> RefinerFolders:
     return RefinerFolders(layout, base / TRANSFORMER_DIR, base / CONNECTORS_DIR, text_encoder, tokenizer)
 
 
-def write_converted(out_dir: Path, source, config, abstract, to_key, target: str, is_unused, log) -> None:
-    groups = convert_tensor_groups(source, flatten(abstract), to_key, target, is_unused, log)
+def write_converted(out_dir: Path, groups, config) -> None:
+    """Converted parameter groups (one per source shard) -> `out_dir` as `config.json` + one orbax part per group."""
     store.save_params_in_parts(out_dir, groups, config.to_dict())
 
 
@@ -80,26 +79,19 @@ def write_refiner(src, out_dir, *, param_dtype: str = "bfloat16", log=print) -> 
     folders = find_refiner_folders(src)
     out_dir = Path(out_dir)
     log(f"refiner: {folders.layout} layout at {folders.transformer.parent}")
-
-    source = open_diffusers_folder(folders.transformer)
-    config = RefinerConfig.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=param_dtype)
-    log(f"refiner transformer: converting {source.description}")
-    write_converted(out_dir / TRANSFORMER_DIR, source, config, abstract_refiner_params(config), diffusers_key,
-                    "the refiner config", is_audio_key, log)
-
-    source = open_diffusers_folder(folders.connectors)
-    config = ConnectorsConfig.from_diffusers_config(source.config, param_dtype=param_dtype, dtype=param_dtype)
-    log(f"refiner connectors: converting {source.description}")
-    write_converted(out_dir / CONNECTORS_DIR, source, config, abstract_connector_params(config), diffusers_key,
-                    "the connectors config", is_audio_key, log)
+    for name, folder, config_class in ((TRANSFORMER_DIR, folders.transformer, RefinerConfig),
+                                       (CONNECTORS_DIR, folders.connectors, ConnectorsConfig)):
+        source, config = open_folder(folder, config_class, param_dtype=param_dtype, dtype=param_dtype)
+        log(f"refiner {name}: converting {source.description}")
+        write_converted(out_dir / name, convert_groups(source, config, log), config)
 
     source = open_hf_safetensors(folders.text_encoder)
     config = Gemma3Config.from_hf_config(source.config, param_dtype=param_dtype, dtype=param_dtype)
     log(f"refiner text encoder: converting {source.description}")
     to_key, is_unused = gemma3_naming(source)
     target = out_dir / TEXT_ENCODER_DIR
-    write_converted(target, source, config, abstract_gemma3_params(config), to_key, "the Gemma-3 config",
-                    is_unused, log)
+    write_converted(target, convert_tensor_groups(source, flatten(abstract_gemma3_params(config)), to_key,
+                                                  "the Gemma-3 config", is_unused, log), config)
     if folders.tokenizer is None:
         log("refiner text encoder: no tokenizer files found; add tokenizer.json to "
             f"{target} before refining from prompts")
