@@ -12,8 +12,9 @@ directory written by convert_torch_weights.py (transformer/, vae/, text_encoder/
 pixels of the input image, given inline or as a .npy of shape (3,3), (F,3,3), (4,) or (F,4).
 --refine refines the stage-1 latents (checkpoint: its refiner/ from convert_torch_weights.py --refiner) and writes
 `<stem>.refined.mp4` (+ its .latents.npz / .trajectory.npz), one frame shorter: the refiner drops its sink frame.
-With --mode streaming each stage-1 block is pushed to the chunk-causal refiner as it is produced (same result as
-refining the whole clip afterwards).
+With --mode streaming each stage-1 block is refined by the chunk-causal refiner as it is produced (same result as
+refining the whole clip afterwards) and, with a causal VAE decoder, decoded and appended to `<stem>.refined.mp4` at
+once; each refined block's latency is printed.
 
 --mode picks the DiT mode (default: the checkpoint's): bidirectional (all frames jointly), chunk_causal (the
 chunk-wise schedule of the teacher) or streaming (the few-step student block by block, 24k+1 frames; each block is
@@ -26,11 +27,10 @@ traceback). Compiled programs are kept in JAX's persistent compilation cache, so
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sanawm_jax import camera, cli, demo
@@ -40,6 +40,7 @@ from sanawm_jax.diffusion.streaming import StreamingSamplerConfig
 from sanawm_jax.generate import (
     BlockReport,
     Refiner,
+    StreamingRefinement,
     WorldModel,
     camera_path,
     check_checkpoint,
@@ -47,11 +48,11 @@ from sanawm_jax.generate import (
     load_image,
     overlay_states,
     refine,
-    refined_result,
     report_stage,
     write_outputs,
 )
 from sanawm_jax.models.gemma.encoder import load_embeddings_npz
+from sanawm_jax.models.refiner.sampler import SINK_SIZE
 from sanawm_jax.models.sana_wm.config import ATTENTION_IMPLS, GDN_IMPLS, MODES
 from sanawm_jax.ops.context_parallel import CONTEXT_IMPLS
 from sanawm_jax.overlay import draw_action_overlay
@@ -64,6 +65,8 @@ from sanawm_jax.pipeline import checkpoint_mode
 DEMO_DEFAULTS = {"steps": 4}
 DEMO_NUM_FRAMES = {"bidirectional": 17, "chunk_causal": 49, "streaming": 49}
 STREAM_FPS = 16  # pixel frames per second of generated video, for the real-time factor
+# The refiner's first block compiles its programs; later full blocks reuse them (a shorter last block compiles anew).
+REFINER_COMPILING = 1
 
 
 def parse_intrinsics(value: str) -> np.ndarray:
@@ -97,60 +100,94 @@ def check_stream_num_frames(num_frames: int) -> None:
                          f"{below + 24}")
 
 
-def print_block_report(reports: list):
+def print_block_report(reports: list, what: str = "block", compiling: int = 2):
     """An `on_block` callback printing each block's latency and real-time factor (seconds of video at 16 fps per
-    wall-clock second) and keeping the reports."""
+    wall-clock second) and keeping the reports; the first `compiling` blocks are noted as compiling."""
 
     def on_block(report: BlockReport):
         reports.append(report)
-        note = " (includes compilation)" if report.index < 2 else ""
-        print(f"block {report.index}: latent frames {report.start}-{report.end - 1}, {report.pixel_frames} frames "
+        note = " (includes compilation)" if report.index < compiling else ""
+        print(f"{what} {report.index}: latent frames {report.start}-{report.end - 1}, {report.pixel_frames} frames "
               f"in {report.seconds * 1000:.0f} ms, real-time factor {report.pixel_frames / STREAM_FPS / report.seconds:.2f}"
               f"{note}")
 
     return on_block
 
 
+def print_totals(reports: list, what: str, compiling: int = 2) -> None:
+    """The real-time factor over all blocks' reports, and over those after the first `compiling` ones."""
+    frames, seconds = sum(r.pixel_frames for r in reports), sum(r.seconds for r in reports)
+    print(f"{what} {frames} frames ({frames / STREAM_FPS:.2f} s of video) in {seconds:.2f} s: real-time factor "
+          f"{frames / STREAM_FPS / seconds:.2f}")
+    steady = reports[compiling:]
+    if steady:
+        frames, seconds = sum(r.pixel_frames for r in steady), sum(r.seconds for r in steady)
+        print(f"after compilation (blocks {compiling}-{reports[-1].index}): real-time factor "
+              f"{frames / STREAM_FPS / seconds:.2f}")
+
+
+def frame_writer(writer: VideoWriter, states):
+    """An `on_frames` callback appending frames to `writer`, with the action overlay of `states` (key levels, look)
+    at the frames' positions in the video unless `states` is None."""
+
+    def on_frames(frames):
+        if states is not None:
+            done = writer.num_frames
+            frames = draw_action_overlay(frames, states[0][done : done + len(frames)],
+                                         states[1][done : done + len(frames)])
+        writer.append(frames)
+
+    return on_frames
+
+
+def refined_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".refined" + out.suffix)
+
+
 def generate_streaming(world, image, c2w, intrinsics, text, sampler, args, write_mp4: bool, refiner_stream=None):
     """`WorldModel.generate_streaming`, printing each block's latency and real-time factor and the totals; with
     `write_mp4` (a causal VAE decoder) each decoded block is appended to the mp4 `args.out` at once (progressive:
     playable while it is written; with the action overlay unless --no-action-overlay). With a `refiner_stream`
-    (`Refiner.start_stream`) each block's latents are pushed to it as they are produced (refining runs between
-    blocks, outside their times). Returns (result, the refined pieces)."""
-    reports, refined = [], []
+    (`Refiner.start_stream`) each block's latents are refined as they are produced (between stage-1 blocks, outside
+    their times; each refinement's latency printed) and, with `write_mp4`, decoded and appended to
+    `<stem>.refined.mp4` at once. Returns (stage-1 result, refined result or None)."""
+    reports, refined_reports = [], []
     report_block = print_block_report(reports)
-
-    def on_block(report: BlockReport):
-        report_block(report)
-        if refiner_stream is not None:
-            refined.extend(refiner_stream.push(report.latents))
-    states = None
+    states = refined_states = None
     if not args.no_action_overlay:
-        states = overlay_states(c2w, args.action, args.action_convention, args.translation_speed,
-                                args.rotation_speed_deg)
+        convention, speeds = args.action_convention, (args.translation_speed, args.rotation_speed_deg)
+        states = overlay_states(c2w, args.action, convention, *speeds)
+        # as `write_outputs` draws it on the refined result: read back from its camera path (one frame shorter)
+        refined_states = overlay_states(c2w[SINK_SIZE:], None, convention, *speeds)
     if write_mp4:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with VideoWriter(args.out, fps=STREAM_FPS, crf=18, progressive=True) if write_mp4 else nullcontext() as writer:
+    with ExitStack() as files:
+        on_frames = refinement = None
+        if write_mp4:
+            writer = files.enter_context(VideoWriter(args.out, fps=STREAM_FPS, crf=18, progressive=True))
+            on_frames = frame_writer(writer, states)
+        if refiner_stream is not None:
+            on_refined_frames = None
+            if write_mp4:
+                refined_writer = files.enter_context(VideoWriter(refined_path(args.out), fps=STREAM_FPS, crf=18,
+                                                                 progressive=True))
+                on_refined_frames = frame_writer(refined_writer, refined_states)
+            refinement = StreamingRefinement(world, refiner_stream, on_frames=on_refined_frames,
+                                             on_block=print_block_report(refined_reports, "refined block",
+                                                                         REFINER_COMPILING))
 
-        def on_frames(frames):
-            if states is not None:
-                done = writer.num_frames
-                frames = draw_action_overlay(frames, states[0][done : done + len(frames)],
-                                             states[1][done : done + len(frames)])
-            writer.append(frames)
+        def on_block(report: BlockReport):
+            report_block(report)
+            if refinement is not None:
+                refinement.push(report.latents)
 
         result = world.generate_streaming(image, c2w, intrinsics, text, sampler, seed=args.seed,
-                                          on_block=on_block,
-                                          on_frames=on_frames if write_mp4 else None)
-    frames, seconds = sum(r.pixel_frames for r in reports), sum(r.seconds for r in reports)
-    print(f"streamed {frames} frames ({frames / STREAM_FPS:.2f} s of video) in {seconds:.2f} s: real-time factor "
-          f"{frames / STREAM_FPS / seconds:.2f}")
-    steady = reports[2:]
-    if steady:
-        frames, seconds = sum(r.pixel_frames for r in steady), sum(r.seconds for r in steady)
-        print(f"after compilation (blocks 2-{reports[-1].index}): real-time factor {frames / STREAM_FPS / seconds:.2f}")
-    if refiner_stream is not None:
-        refined.extend(refiner_stream.finish())
+                                          on_block=on_block, on_frames=on_frames)
+        refined = None if refinement is None else refinement.finish(result)
+    print_totals(reports, "streamed")
+    if refined_reports:
+        print_totals(refined_reports, "refined", REFINER_COMPILING)
     return result, refined
 
 
@@ -299,9 +336,10 @@ def main(argv=None):
             report_stage("encoding the prompt for the refiner; each block is refined as it is produced")
             stream = refiner.start_stream(args.prompt, seed=args.seed)
         if streamed_mp4:
-            report_stage(f"writing {args.out} as the blocks are decoded (playable while it grows)")
-        result, refined_pieces = generate_streaming(world, image, c2w, intrinsics, text, streaming_sampler, args,
-                                                    streamed_mp4, stream)
+            report_stage(f"writing {args.out}" + (" and its refinement" if stream else "")
+                         + " as the blocks are decoded (playable while it grows)")
+        result, refined = generate_streaming(world, image, c2w, intrinsics, text, streaming_sampler, args,
+                                             streamed_mp4, stream)
     else:
         result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
     report_stage(f"writing {args.out}" if not streamed_mp4 else "writing the latents and trajectory")
@@ -313,20 +351,18 @@ def main(argv=None):
     if streamed_mp4:
         print(f"video: {args.out}")
     if refiner is not None:
-        if args.mode == "streaming":
-            latents = jnp.concatenate([frames for _, _, frames in refined_pieces], axis=1)
-            refined = refined_result(world, latents, result)
-        else:
+        refined_out = refined_path(args.out)
+        if args.mode != "streaming":
             refined = refine(world, refiner, result, args.prompt, seed=args.seed)
-        out = Path(args.out)
-        report_stage(f"writing {out.with_name(out.stem + '.refined' + out.suffix)}")
-        for kind, path in write_outputs(out.with_name(out.stem + ".refined" + out.suffix), refined,
-                                        action_convention=args.action_convention,
+        report_stage(f"writing {refined_out}" if not streamed_mp4 else "writing the refined latents and trajectory")
+        for kind, path in write_outputs(refined_out, refined, action_convention=args.action_convention,
                                         translation_speed=args.translation_speed,
                                         rotation_speed_deg=args.rotation_speed_deg,
-                                        action_overlay=not args.no_action_overlay).items():
+                                        action_overlay=not args.no_action_overlay,
+                                        write_mp4=not streamed_mp4).items():
             print(f"refined {kind}: {path}")
-
+        if streamed_mp4:
+            print(f"refined video: {refined_out}")
 
 if __name__ == "__main__":
     cli.run(main)

@@ -233,8 +233,7 @@ class WorldModel:
         if self.model.config.mode != "streaming":
             raise ValueError(f"generate_streaming needs a streaming model, not mode {self.model.config.mode!r}")
         conditions, plucker, first_frame, noise = self.prepare(image, c2w, intrinsics, seed, progress)
-        decoder = vae.CausalDecoder(self.vae_config) if self.vae_config.decoder_causal else None
-        cache = None if decoder is None else decoder.init_cache(1, *noise.shape[2:4])
+        decoder = BlockDecoder(self) if self.vae_config.decoder_causal else None
         report_stage("denoising block by block" + (" and decoding each block" if decoder else ""), progress)
         latents, frames = [], []
         clock = time.perf_counter()
@@ -244,16 +243,14 @@ class WorldModel:
                                    chunk_plucker=plucker, config=sampler):
             latents.append(np.asarray(block.latents[0]))
             if decoder is not None:
-                pixels, cache = decoder.decode_chunk(self.vae_params, block.latents, cache)
-                frames.append(vae.video_to_uint8(pixels[0]))
+                frames.append(decoder(block.latents))
                 if on_frames is not None:
                     on_frames(frames[-1])
-            now = time.perf_counter()
-            pixel_frames = self.vae_config.num_pixel_frames(block.end) - (
-                self.vae_config.num_pixel_frames(block.start) if block.start else 0)
+            report = BlockReport(block.index, block.start, block.end, self.pixel_frames(block.start, block.end),
+                                 time.perf_counter() - clock, block.latents)
             if on_block is not None:
-                on_block(BlockReport(block.index, block.start, block.end, pixel_frames, now - clock, block.latents))
-            clock = now
+                on_block(report)
+            clock = time.perf_counter()
         latents = np.concatenate(latents, axis=0)
         if decoder is None:
             video = vae.decode_tiled(self.vae_params, latents[None], self.vae_config,
@@ -264,6 +261,24 @@ class WorldModel:
 
     def video_shape(self, num_latent_frames: int) -> tuple[int, ...]:
         return (1, self.vae_config.num_pixel_frames(num_latent_frames), *self.target_size, 3)
+
+    def pixel_frames(self, start: int, end: int) -> int:
+        """How many pixel frames latent frames [start, end) of a clip decode to."""
+        return self.vae_config.num_pixel_frames(end) - (self.vae_config.num_pixel_frames(start) if start else 0)
+
+
+class BlockDecoder:
+    """Consecutive latent blocks (1, n, h, w, C) of one clip -> their pixel frames (m, H, W, 3) uint8, decoded as
+    they come by the world model's causal VAE decoder (what decoding the whole clip gives)."""
+
+    def __init__(self, world: WorldModel):
+        self.params, self.decoder, self.cache = world.vae_params, vae.CausalDecoder(world.vae_config), None
+
+    def __call__(self, latents) -> np.ndarray:
+        if self.cache is None:
+            self.cache = self.decoder.init_cache(1, *latents.shape[2:4])
+        pixels, self.cache = self.decoder.decode_chunk(self.params, latents, self.cache)
+        return vae.video_to_uint8(pixels[0])
 
 
 @dataclasses.dataclass
@@ -306,6 +321,53 @@ def refined_result(world: WorldModel, refined, result: GenerationResult, progres
                              out=np.empty(world.video_shape(refined.shape[1]), np.uint8), progress=progress)
     return GenerationResult(np.asarray(refined[0]), video[0, SINK_SIZE:], result.c2w[SINK_SIZE:],
                             result.intrinsics[SINK_SIZE:])
+
+
+class StreamingRefinement:
+    """Stage 2 block by block beside a streaming stage 1: `push` each stage-1 block's latents (1, n, h, w, C) as it is
+    produced; the chunk-causal `stream` (`Refiner.start_stream`) refines every block that became complete and, with
+    a causal VAE decoder, the refined frames are decoded at once, the sink's first decoded frame dropped as `refine`
+    drops it. `finish` refines what is left and returns the refined result (decoded there with a non-causal decoder).
+
+    on_block: called after each push or finish that refined frames with a `BlockReport` of the latent frames it
+      returned (the sink included), the refined pixel frames they add and the seconds it took to refine and decode.
+    on_frames: called with those refined frames (n, H, W, 3) uint8 as they come (causal decoder only).
+    """
+
+    def __init__(self, world: WorldModel, stream: RefinerStream, *, on_block=None, on_frames=None):
+        self.world, self.stream, self.on_block, self.on_frames = world, stream, on_block, on_frames
+        self.decoder = BlockDecoder(world) if world.vae_config.decoder_causal else None
+        self.latents, self.frames = [], []
+
+    def push(self, latents) -> None:
+        self._refine(self.stream.push, latents)
+
+    def finish(self, result: GenerationResult) -> GenerationResult:
+        """The refined result of the stage-1 `result` whose latents were pushed (one frame shorter, as `refine`)."""
+        self._refine(self.stream.finish)
+        refined = jnp.concatenate(self.latents, axis=1)
+        if self.decoder is None:
+            return refined_result(self.world, refined, result, progress=False)
+        return GenerationResult(np.asarray(refined[0]), np.concatenate(self.frames), result.c2w[SINK_SIZE:],
+                                result.intrinsics[SINK_SIZE:])
+
+    def _refine(self, step, *args) -> None:
+        clock = time.perf_counter()
+        pieces = step(*args)
+        if not pieces:
+            return
+        start, end = pieces[0][0], pieces[-1][1]
+        latents = jax.block_until_ready(jnp.concatenate([frames for _, _, frames in pieces], axis=1))
+        self.latents.append(latents)
+        dropped = SINK_SIZE if start == 0 else 0
+        if self.decoder is not None:
+            self.frames.append(self.decoder(latents)[dropped:])
+            if self.on_frames is not None:
+                self.on_frames(self.frames[-1])
+        if self.on_block is not None:
+            self.on_block(BlockReport(len(self.latents) - 1, start, end,
+                                      self.world.pixel_frames(start, end) - dropped, time.perf_counter() - clock,
+                                      latents))
 
 
 def overlay_states(c2w, action: str | None, action_convention: str = "sana_wm",
