@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from sanawm_jax.ops.attention import MASKED_LOGIT, QUERY_BLOCK, dot_product_attention
+from sanawm_jax.ops.attention import MASKED_LOGIT, dot_product_attention, query_blocking
 from sanawm_jax.ops.gdn import GDNState, ScanState
 from sanawm_jax.parallel.axes import CONTEXT
 
@@ -187,12 +187,11 @@ def _ulysses_attention(layout, query, key, value, key_mask, query_segments, key_
 
 def _ring_attention(layout, query, key, value, key_mask, query_segments, key_segments, *, scale):
     """Online softmax over the c key/value blocks, the block of device i - s at ring step s (float32 statistics);
-    queries in blocks of at most QUERY_BLOCK rows, as the XLA path."""
+    queries in blocks as the XLA path (`ops.attention.query_blocking`, for one device's keys)."""
     b, nq, h, d = query.shape
     index = lax.axis_index(layout.axis)
     query_heads = jnp.swapaxes(query, 1, 2)  # (B, H, Nq, D)
-    num_blocks = -(-nq // QUERY_BLOCK)
-    block = -(-nq // num_blocks)
+    num_blocks, block = query_blocking(b, h, nq, key.shape[1])
     pad = num_blocks * block - nq
     query_blocks = jnp.pad(query_heads, ((0, 0), (0, 0), (0, pad), (0, 0)))
     query_blocks = jnp.moveaxis(query_blocks.reshape(b, h, num_blocks, block, d), 2, 0)
