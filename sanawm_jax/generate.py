@@ -7,6 +7,12 @@
     write_outputs("video.mp4", result)
     refined = refine(world, Refiner.from_checkpoint("ckpt"), result, "a quiet street")   # ckpt/refiner/
     write_outputs("video.refined.mp4", refined)
+
+A streaming model refines each block as it is produced:
+
+    stage2 = StreamingRefinement(world, refiner.start_stream("a quiet street"), on_frames=writer.append)
+    result = world.generate_streaming(image, c2w, intrinsics, text, on_block=lambda block: stage2.push(block.latents))
+    refined = stage2.finish(result)
 """
 
 from __future__ import annotations
