@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from sanawm_jax.checkpoint.keymap import ConversionError
 from sanawm_jax.demo import byte_tokenizer
 from sanawm_jax.models.refiner.release import convert_refiner_release, find_refiner_folders, load_refiner_components
-from tests.test_refiner_sampler import CONNECTORS, GEMMA3
+from tests.test_refiner_sampler import CONNECTORS, tiny_hf_gemma3_config
 
 
 def save_sharded(folder, state, stem, num_shards=2, config=None):
@@ -36,16 +36,13 @@ def save_sharded(folder, state, stem, num_shards=2, config=None):
 @pytest.fixture(scope="module")
 def release_models():
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
-    from transformers import Gemma3Config as HFGemma3Config
     from transformers import Gemma3ForConditionalGeneration
 
     from tests.test_refiner_transformer import build_oracle
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
-    hf = HFGemma3Config(text_config={**GEMMA3, "vocab_size": len(tokenizer)}, vision_config=dict(
-        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-        patch_size=14), mm_tokens_per_image=4)
+    hf = tiny_hf_gemma3_config(len(tokenizer))
     transformer, transformer_config = build_oracle()
     return {
         "transformer": (transformer.state_dict(), {"_class_name": "SanaWMLTX2RefinerTransformer3DModel",

@@ -37,6 +37,15 @@ CONNECTORS = dict(caption_channels=12, text_proj_in_factor=3, video_connector_nu
                   audio_connector_num_learnable_registers=4, connector_rope_base_seq_len=16)
 
 
+def tiny_hf_gemma3_config(vocab_size: int):
+    """transformers' config of a tiny Gemma-3 (`GEMMA3`) with a vision tower, as the released text encoder has."""
+    from transformers import Gemma3Config as HFGemma3Config
+
+    return HFGemma3Config(text_config={**GEMMA3, "vocab_size": vocab_size}, vision_config=dict(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14), mm_tokens_per_image=4)
+
+
 def state_source(module, name):
     return TorchStateDictSource({k: v.float() for k, v in module.state_dict().items()}, name)
 
@@ -47,14 +56,11 @@ def refiner_oracle():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
     from diffusers.pipelines.sana_wm.refiner import SanaWMLTX2Refiner
-    from transformers import Gemma3Config as HFGemma3Config
     from transformers import Gemma3ForConditionalGeneration
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
-    hf = HFGemma3Config(text_config={**GEMMA3, "vocab_size": len(tokenizer)}, vision_config=dict(
-        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-        patch_size=14), mm_tokens_per_image=4)
+    hf = tiny_hf_gemma3_config(len(tokenizer))
     text_encoder = randomize_(Gemma3ForConditionalGeneration(hf).eval(), seed=6).double()
     connectors = randomize_(LTX2TextConnectors(**CONNECTORS).eval(), seed=7).double()
     transformer, transformer_config = build_oracle()
