@@ -4,8 +4,8 @@ key layout (video and audio tensors, bf16, ~5 GB shards with an index, as the re
 The synthetic shards are sparse files: their headers are real and their data are holes that read as zeros, so
 nothing of the checkpoint's size is written or held to make them. The conversion (`models.refiner.release`'s
 `write_converted`, bf16 output in one orbax part per shard) runs in a child process whose peak RSS is reported
-against the checkpoint and largest-shard sizes. The output is written under --workdir (the converted video path:
-about 26 GB at full size) and deleted afterwards.
+against the checkpoint and largest-shard sizes. The output is written under --workdir and deleted afterwards (the
+synthetic zeros are stored compressed, so it takes little disk; real weights would take 26 GB at full size).
 
     python bench/refiner_convert_memory.py [--layers 48] [--shard-gb 5] [--workdir /tmp/refiner_convert]
 """
