@@ -34,7 +34,6 @@ import sys
 from pathlib import Path
 
 import jax
-from jax.experimental import multihost_utils
 
 from sanawm_jax import cli
 from sanawm_jax.data import (
@@ -47,6 +46,7 @@ from sanawm_jax.demo import DEMO_DATA, build_demo_dataset
 from sanawm_jax.models import ltx2_vae as vae
 from sanawm_jax.models.sana_wm.config import MODES, get_config
 from sanawm_jax.parallel import format_mesh
+from sanawm_jax.parallel.distributed import barrier
 from sanawm_jax.training import TrainConfig, Trainer
 from sanawm_jax.training.loop import local_batch_size
 from sanawm_jax.training.lock import WorkdirLock
@@ -182,8 +182,7 @@ def main(argv=None) -> list[dict]:
         if args.data is None:
             if primary:
                 build_demo_dataset(workdir / "data")
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("demo data built")
+            barrier("demo data built")
             data_dir, text_dir = build_demo_dataset(workdir / "data")  # complete now: only returns the paths
             source = ClipDirectorySource(data_dir, inputs="latents")
         data_config = DataConfig(

@@ -176,16 +176,21 @@ def train_processes(workdir, data, num_processes: int, devices: int, steps: int,
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one(demo_train_data, tmp_path):
+def test_two_processes_train_as_one_and_resume(demo_train_data, tmp_path):
     """2 processes x 4 devices (each loading 1 example of the global batch of 2, checkpointing collectively) give the
-    losses of 1 process x 8 devices. (Resuming such a run does not work yet: the first step after the collective
-    restore fails with a gloo collective mismatch.)"""
-    train_processes(tmp_path / "one", demo_train_data, 1, 8, 2, tmp_path / "cache")
+    losses of 1 process x 8 devices, and a second 2-process run resumes from their step-2 checkpoint with the losses
+    of the uninterrupted run. The resumed run finds the train step in the persistent compilation cache on process 0
+    only (CPU cache keys differ per process), so it also checks that the processes wait for each other's
+    compilation before their first collective."""
+    train_processes(tmp_path / "one", demo_train_data, 1, 8, 4, tmp_path / "cache")
     train_processes(tmp_path / "two", demo_train_data, 2, 4, 2, tmp_path / "cache")
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     assert sorted(int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()) == [2]
-    # The same global batches and float32 steps, collectives over gloo instead of in one process: round-off.
+    train_processes(tmp_path / "two", demo_train_data, 2, 4, 4, tmp_path / "cache")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert sorted(int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()) == [2, 4]
+    # The same global batches and float32 steps, collectives over gloo instead of in one process: round-off
+    # (measured 6e-8 relative), amplified a little by 4 Adam steps, far under 1e-4.
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
 
 

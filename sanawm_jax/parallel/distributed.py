@@ -1,23 +1,36 @@
-"""Multi-process runs: joining the processes, and global batches from the examples each process loaded.
+"""Multi-process runs: joining the processes, waiting for each other, and global batches from the examples each
+process loaded.
 
     initialize("host0:1234", num_processes=2, process_id=0)   # before anything touches a device
+    barrier("demo data built")                                  # every process waits until all get here
     batch = global_batch(local_batch, mesh)                     # process p holds rows [p*b, (p+1)*b) of the batch
 
 Every process loads `b = global batch / process_count` examples (see `data.pipeline.make_dataset`); `global_batch`
 makes them one array per input, laid out on the mesh by `shardings.batch_spec`. When that layout does not give each
 process exactly its own rows (e.g. a batch of 2 replicated over fsdp=8), the rows are first placed one block per
 process and then resharded by XLA.
+
+Processes must enter a program with collectives at nearly the same time: on CPU, gloo gives the processes 30 s to set
+up the communicator of their first collective. Work that only some processes do, or that takes one much longer than
+another (compiling a program that only process 0 finds in the persistent compilation cache: on CPU each process has
+its own cache keys, and only process 0 writes entries), goes before a `barrier`, which waits through the coordination
+service instead of a device collective.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sanawm_jax.parallel.shardings import batch_spec
 
 PROCESS_AXES = ("process", "local")
+BARRIER_TIMEOUT_S = 3600
+_barrier_count = itertools.count()  # every process passes the same barriers in the same order
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -26,6 +39,12 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
         raise ValueError(f"process id must be in [0, {num_processes}), got {process_id}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Block until every process has reached this barrier (at most `timeout_s`); nothing with one process."""
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=f"{name} #{next(_barrier_count)}", timeout_ms=timeout_s * 1000)
 
 
 def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> set[tuple[int, int]]:

@@ -42,7 +42,7 @@ from sanawm_jax.models.sana_wm.transformer import (
     init_params,
 )
 from sanawm_jax.parallel import batch_spec, make_mesh, param_shardings, parse_mesh
-from sanawm_jax.parallel.distributed import global_batch
+from sanawm_jax.parallel.distributed import barrier, global_batch
 from sanawm_jax.training import objective
 from sanawm_jax.training.config import TrainConfig
 from sanawm_jax.training.metrics import MetricsWriter
@@ -185,6 +185,7 @@ class Trainer:
             ),
         )
         self._train_step = train_step_program(model_config, config.step_settings(), self.mesh, config.batch_size)
+        self._compiled = False
         self.step = 0
         if resume and self.manager.latest_step() is not None:
             self._check_saved_model_config()
@@ -282,8 +283,11 @@ class Trainer:
         """One optimiser step on the next batch; returns the step number, loss, grad norm and the clip keys used."""
         start = time.perf_counter()
         batch = next(self.iterator)
-        inputs = global_batch(model_inputs(batch), self.mesh)
+        local = model_inputs(batch)
         key = step_key(self.config.seed, self.step)
+        if not self._compiled:
+            self._compile(local, key)
+        inputs = global_batch(local, self.mesh)
         with jax.set_mesh(self.mesh):
             self.params, self.opt_state, metrics = self._train_step(self.params, self.opt_state, inputs, key)
         self.step += 1
@@ -292,6 +296,22 @@ class Trainer:
         record["tokens"] = tokens_per_step(self.model_config, inputs["latents"].shape)
         record["clips"] = [str(clip) for clip in np.asarray(batch.get("key", []))]
         return record
+
+    def _compile(self, local: dict, key: jax.Array) -> None:
+        """Compile the train step for the global batch of which `local` is this process's share, then wait until
+        every process has compiled it, so that their first collectives start together (see `parallel.distributed`:
+        on CPU, only process 0 finds the step in the persistent compilation cache; the others compile it anew)."""
+        count = jax.process_count()
+        shape = lambda value: (value.shape[0] * count, *value.shape[1:])
+        abstract = {
+            name: jax.ShapeDtypeStruct(shape(value), jax.dtypes.canonicalize_dtype(value.dtype),
+                                       sharding=NamedSharding(self.mesh, batch_spec(shape(value), self.mesh)))
+            for name, value in local.items()
+        }
+        with jax.set_mesh(self.mesh):
+            self._train_step.lower(self.params, self.opt_state, abstract, key).compile()
+        barrier("train step compiled")
+        self._compiled = True
 
     def log(self, records: list[dict]) -> dict:
         """Write the metrics record of the steps in `records` (means of loss, grad norm and step time) to
