@@ -25,8 +25,10 @@ CHECKS = {"fast": {}, "slow": {}}
 # Sharded runs of the forward: (mesh, batch size). fsdp=8 with batch 1 keeps the batch whole on every device;
 # data=2 x fsdp=2 x tensor=2 splits a batch of 4 over data and fsdp and the heads and MLP channels over tensor.
 FORWARD_MESHES = (({"fsdp": 8}, 1), ({"data": 2, "fsdp": 2, "tensor": 2}, 4))
-# The demo's train.py run compared against one device: 4 steps, batch 1 on fsdp=8 (see tests/test_parallel.py).
+# The demo's train.py runs compared against one device (see tests/test_parallel.py): 4 steps of batch 1 on fsdp=8
+# (the batch kept whole on every device) and on fsdp=2,context=2,tensor=2 (3 latent frames padded to 4 over context 2).
 TRAIN_STEPS = 4
+TRAIN_MESHES = ("fsdp=8", "fsdp=2,context=2,tensor=2")
 
 
 def check(fn):
@@ -173,14 +175,23 @@ def sharded_refiner_forward(workdir: Path) -> dict:
 
 
 @slow_check
-def train_on_fsdp8(workdir: Path) -> dict:
-    """train.py on the embedded default data, batch 1 on --mesh fsdp=8: the losses of its metrics.jsonl."""
+def train_on_meshes(workdir: Path) -> dict:
+    """train.py on the embedded default data, batch 1, on each mesh of TRAIN_MESHES: {mesh: the losses of its
+    metrics.jsonl, the mesh its train config records, latent frames per clip}."""
     import train
+    from sanawm_jax.training.loop import read_run_configs
     from sanawm_jax.training.metrics import read_metrics
     from tests.test_train_cli import train_args
 
-    train.main(train_args(Path(os.environ[DEMO_DATA_ENV]), workdir, "--steps", str(TRAIN_STEPS), "--mesh", "fsdp=8"))
-    return {"losses": [record["loss"] for record in read_metrics(workdir)]}
+    results = {}
+    for mesh in TRAIN_MESHES:
+        run = workdir / mesh.replace(",", "_")
+        records = train.main(train_args(Path(os.environ[DEMO_DATA_ENV]), run, "--steps", str(TRAIN_STEPS), "--mesh",
+                                        mesh))
+        results[mesh] = {"losses": [record["loss"] for record in read_metrics(run)],
+                         "recorded_mesh": read_run_configs(run)[1].mesh,
+                         "latent_frames": records[0]["tokens"] // 6}  # 2 x 3 latent pixels per frame, patch 1
+    return results
 
 
 @slow_check
