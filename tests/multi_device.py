@@ -380,6 +380,46 @@ def context_parallel_forward(workdir: Path) -> dict:
     return _context_forward_errors(config, 7, [(4, "allgather", "chunk_causal")], valid_frames=6)
 
 
+def _mesh_memory_lowering(num_layers: int):
+    """The program bench/mesh_memory.py compiles, at the tiny width: the bf16 forward of `num_layers` blocks (ring
+    softmax and GDN state passing) from abstract parameters and inputs sharded on fsdp=2,context=4, 5 frames of a 1x1
+    latent grid (padded to 8); lowered, not compiled."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from sanawm_jax.models.sana_wm.config import PRESETS
+    from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params, example_inputs
+    from sanawm_jax.parallel import batch_spec, make_mesh, param_shardings
+
+    config = PRESETS["sana_wm_tiny"].replace(num_layers=num_layers, chunk_plucker_post_attn_blocks=num_layers,
+                                             dtype="bfloat16", param_dtype="bfloat16", context_impl="ring")
+    mesh = make_mesh({"fsdp": 2, "context": 4})
+    placed = lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+    params = abstract_params(config)
+    params = jax.tree.map(placed, params, param_shardings(params, mesh))
+    inputs = jax.eval_shape(lambda: example_inputs(config, batch=1, frames=5, height=1, width=1, text_len=4))
+    inputs = jax.tree.map(lambda a: placed(a, NamedSharding(mesh, batch_spec(a.shape, mesh))), inputs)
+    model = SanaWMTransformer(config)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda p, x: model.apply({"params": p}, **x)).lower(params, inputs)
+
+
+@check
+def context_parallel_lowering(workdir: Path) -> dict:
+    """Partition ids and manual (shard_map) regions in the lowered program of `_mesh_memory_lowering` (4 blocks).
+    XLA's SPMD partitioner rejects the partition id that `lax.axis_index` lowers to inside a shard_map whose other
+    mesh axes are automatic (from 8 such blocks on: `context_parallel_compile`)."""
+    text = _mesh_memory_lowering(4).as_text()
+    return {"partition_ids": text.count("partition_id"), "manual_computations": text.count("sdy.manual_computation")}
+
+
+@slow_check
+def context_parallel_compile(workdir: Path) -> dict:
+    """The program of `context_parallel_lowering` with 8 blocks compiled (not run): XLA's per-device temporary
+    bytes."""
+    return {"temp_bytes": _mesh_memory_lowering(8).compile().memory_analysis().temp_size_in_bytes}
+
+
 @slow_check
 def context_parallel_forward_all(workdir: Path) -> dict:
     """The DiT of the fast check (two blocks, tiny width) on 7 frames over 2 (beside fsdp = 2) and 4 devices: every

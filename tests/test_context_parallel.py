@@ -67,6 +67,21 @@ def test_sharded_forward_equals_single_device_forward(multi_device):
     assert max(errors.values()) < ROUND_OFF, errors
 
 
+def test_context_parallel_program_lowers_without_partition_ids(multi_device):
+    """The mesh_memory kind of program (bf16 forward from sharded abstract operands, 4 tiny blocks, fsdp=2,context=4)
+    must hold no partition id: XLA's SPMD partitioner rejects one inside a shard_map with automatic axes."""
+    result = multi_device("context_parallel_lowering")
+    assert result["manual_computations"] >= 4, result  # the context-parallel layers are there, as shard_maps
+    assert result["partition_ids"] == 0, result
+
+
+@pytest.mark.slow
+def test_context_parallel_program_compiles(multi_device_slow):
+    """The program of the test above, with 8 blocks, compiles (it failed with "PartitionId instruction is not
+    supported for SPMD partitioning" while the ops read their device index with lax.axis_index)."""
+    assert multi_device_slow("context_parallel_compile")["temp_bytes"] > 0
+
+
 @pytest.mark.slow
 def test_every_context_size_impl_and_mode_equals_single_device(multi_device_slow):
     errors = multi_device_slow("context_parallel_forward_all")

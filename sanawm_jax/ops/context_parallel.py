@@ -74,6 +74,11 @@ class ContextLayout:
         widths = [(0, 0), (0, self.padded_frames - self.frames)] + [(0, 0)] * (x.ndim - 2)
         return jnp.pad(x, widths, mode=mode)
 
+    def device_index(self):
+        """(c,) int32: 0..c-1, passed into `shard_map` split over the axis so each device reads its own index (see
+        `_own_index`)."""
+        return jnp.arange(self.size, dtype=jnp.int32)
+
     def shard_map(self, fn, in_specs, out_specs):
         """`fn` mapped over this layout's axis only (every other mesh axis stays automatic). The ops run inside
         (scans, kernels) are not written for varying-manual-axes typing, so that check is off."""
@@ -97,10 +102,17 @@ def _spec(layout, spec: P) -> P:
     return P(*(layout.axis if name == CONTEXT else name for name in spec))
 
 
-def _local_valid(layout, shape_frames: int):
+def _own_index(device_index):
+    """Inside shard_map: this device's index along the context axis, from its (1,) block of
+    `ContextLayout.device_index()`. Not `lax.axis_index`: in a shard_map whose other mesh axes stay automatic, JAX
+    lowers it to a partition id in a nested, operand-less manual region, which XLA's SPMD partitioner rejects once a
+    program holds a few blocks of these ops ("PartitionId instruction is not supported for SPMD partitioning")."""
+    return device_index[0]
+
+
+def _local_valid(layout, device_index):
     """Inside shard_map: (T_l,) bool, the real frames among this device's."""
-    first = lax.axis_index(layout.axis) * layout.local_frames
-    return first + jnp.arange(shape_frames) < layout.frames
+    return _own_index(device_index) * layout.local_frames + jnp.arange(layout.local_frames) < layout.frames
 
 
 def _shift(layout, x, hops: int):
@@ -122,8 +134,8 @@ def frame_blocks(layout: ContextLayout, x, reach: int):
     at positions [reach, reach + T_l) are exact (`unblock`)."""
     hops = min(-(-reach // layout.local_frames), layout.size - 1)  # devices a halo reaches into on each side
 
-    def local(x):
-        x = x * _local_valid(layout, x.shape[1]).astype(x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+    def local(x, device_index):
+        x = x * _local_valid(layout, device_index).astype(x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
         if not reach:
             return x
         zeros = jnp.zeros((x.shape[0], reach) + x.shape[2:], x.dtype)  # beyond the clip (a halo wider than it)
@@ -131,7 +143,8 @@ def frame_blocks(layout: ContextLayout, x, reach: int):
         right = jnp.concatenate([_shift(layout, x, -h) for h in range(1, hops + 1)] + [zeros], axis=1)[:, :reach]
         return jnp.concatenate([left, x, right], axis=1)
 
-    return layout.shard_map(local, _spec(layout, _frames_spec(x.ndim)), _spec(layout, P(CONTEXT)))(x)
+    in_specs = (_spec(layout, _frames_spec(x.ndim)), _spec(layout, P(CONTEXT)))
+    return layout.shard_map(local, in_specs, _spec(layout, P(CONTEXT)))(x, layout.device_index())
 
 
 def unblock(layout: ContextLayout, blocks, reach: int):
@@ -165,7 +178,10 @@ def dot_product_attention_cp(layout: ContextLayout, query, key, value, *, scale:
     tokens_spec = _spec(layout, P(None, CONTEXT))
     segment_specs = (None, None) if segments is None else (_spec(layout, P(CONTEXT)), P())
     in_specs = (tokens_spec,) * 3 + (P(),) + segment_specs
-    return layout.shard_map(fn, in_specs, tokens_spec)(query, key, value, key_mask, query_segments, key_segments)
+    operands = (query, key, value, key_mask, query_segments, key_segments)
+    if fn.func is _ring_attention:
+        in_specs, operands = in_specs + (_spec(layout, P(CONTEXT)),), operands + (layout.device_index(),)
+    return layout.shard_map(fn, in_specs, tokens_spec)(*operands)
 
 
 def _allgather_attention(layout, query, key, value, key_mask, query_segments, key_segments, *, scale, impl):
@@ -185,11 +201,11 @@ def _ulysses_attention(layout, query, key, value, key_mask, query_segments, key_
     return lax.all_to_all(out, layout.axis, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _ring_attention(layout, query, key, value, key_mask, query_segments, key_segments, *, scale):
+def _ring_attention(layout, query, key, value, key_mask, query_segments, key_segments, device_index, *, scale):
     """Online softmax over the c key/value blocks, the block of device i - s at ring step s (float32 statistics);
     queries in blocks as the XLA path (`ops.attention.query_blocking`, for one device's keys)."""
     b, nq, h, d = query.shape
-    index = lax.axis_index(layout.axis)
+    index = _own_index(device_index)
     query_heads = jnp.swapaxes(query, 1, 2)  # (B, H, Nq, D)
     num_blocks, block = query_blocking(b, h, nq, key.shape[1])
     pad = num_blocks * block - nq
@@ -251,7 +267,6 @@ def frame_gdn_cp(layout: ContextLayout, op, q_rot, k_rot, v, beta, decay, q=None
     bool or None. Padded frames get β = 0 and decay 1. Returns (B, T_pad, S, H, D) frame-sharded."""
     has_starts = chunk_starts is not None
     starts = jnp.asarray(chunk_starts if has_starts else np.zeros(layout.padded_frames, bool))
-    valid = jnp.asarray(layout.valid_frames())
     denominator = () if q is None else (q, k)
     if layout.impl == "ulysses" and v.shape[3] % layout.size == 0:
         fn = _ulysses_gdn
@@ -259,18 +274,20 @@ def frame_gdn_cp(layout: ContextLayout, op, q_rot, k_rot, v, beta, decay, q=None
         fn = _state_passing_gdn
     fn = functools.partial(fn, layout, op, eps, has_starts)
     frames = lambda a: _spec(layout, _frames_spec(a.ndim))
-    arrays = (q_rot, k_rot, v, beta, decay, starts, valid) + denominator
+    arrays = (q_rot, k_rot, v, beta, decay, starts, layout.device_index()) + denominator
     in_specs = tuple(frames(a) if a.ndim > 1 else _spec(layout, P(CONTEXT)) for a in arrays)
     return layout.shard_map(fn, in_specs, frames(v))(*arrays)
 
 
-def _mask_padded(beta, decay, valid):
-    """β = 0 and decay 1 on padded frames (valid (T,) bool)."""
+def _mask_padded(layout, beta, decay, device_index):
+    """Inside shard_map: β = 0 and decay 1 on this device's padded frames."""
+    valid = _local_valid(layout, device_index)
     return beta * valid[None, :, None, None].astype(beta.dtype), jnp.where(valid[None, :, None], decay, 1.0)
 
 
-def _state_passing_gdn(layout, op, eps, has_starts, q_rot, k_rot, v, beta, decay, starts, valid, *denominator):
-    beta, decay = _mask_padded(beta, decay, valid)
+def _state_passing_gdn(layout, op, eps, has_starts, q_rot, k_rot, v, beta, decay, starts, device_index,
+                       *denominator):
+    beta, decay = _mask_padded(layout, beta, decay, device_index)
     kwargs = {"eps": eps, "return_final_state": True, "chunk_starts": starts if has_starts else None}
     b, _, _, h, d = v.shape
     identity = jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (b, h, d, d))
@@ -285,7 +302,7 @@ def _state_passing_gdn(layout, op, eps, has_starts, q_rot, k_rot, v, beta, decay
         _, denominator_map = op(q, k, no_values, beta, decay, initial_state=start_at_identity, **kwargs)
         maps += (denominator_map,)
     offsets, maps = jax.tree.map(lambda a: lax.all_gather(a, layout.axis), (offset, maps))
-    index = lax.axis_index(layout.axis)
+    index = _own_index(device_index)
 
     def incoming(direction, order):
         """The state device `index` starts this direction's scan from: the chained maps of the devices before it."""
@@ -310,8 +327,8 @@ def _state_passing_gdn(layout, op, eps, has_starts, q_rot, k_rot, v, beta, decay
     return op(q_rot, k_rot, v, beta, decay, *denominator, **kwargs)
 
 
-def _ulysses_gdn(layout, op, eps, has_starts, q_rot, k_rot, v, beta, decay, starts, valid, *denominator):
-    beta, decay = _mask_padded(beta, decay, valid)
+def _ulysses_gdn(layout, op, eps, has_starts, q_rot, k_rot, v, beta, decay, starts, device_index, *denominator):
+    beta, decay = _mask_padded(layout, beta, decay, device_index)
     to_heads = lambda a, head_axis=3: lax.all_to_all(a, layout.axis, split_axis=head_axis, concat_axis=1, tiled=True)
     starts = lax.all_gather(starts, layout.axis, tiled=True) if has_starts else None
     out = op(to_heads(q_rot), to_heads(k_rot), to_heads(v), to_heads(beta), to_heads(decay, 2),
