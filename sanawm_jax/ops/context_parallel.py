@@ -139,8 +139,12 @@ def frame_blocks(layout: ContextLayout, x, reach: int):
         if not reach:
             return x
         zeros = jnp.zeros((x.shape[0], reach) + x.shape[2:], x.dtype)  # beyond the clip (a halo wider than it)
-        left = jnp.concatenate([zeros] + [_shift(layout, x, h) for h in range(hops, 0, -1)], axis=1)[:, -reach:]
-        right = jnp.concatenate([_shift(layout, x, -h) for h in range(1, hops + 1)] + [zeros], axis=1)[:, :reach]
+        # Hop h sends only the frames the halo takes from it: all T_l but for the farthest device.
+        width = lambda h: min(reach - (h - 1) * layout.local_frames, layout.local_frames)
+        left = [_shift(layout, x[:, x.shape[1] - width(h):], h) for h in range(hops, 0, -1)]
+        right = [_shift(layout, x[:, : width(h)], -h) for h in range(1, hops + 1)]
+        left = jnp.concatenate([zeros] + left, axis=1)[:, -reach:]
+        right = jnp.concatenate(right + [zeros], axis=1)[:, :reach]
         return jnp.concatenate([left, x, right], axis=1)
 
     in_specs = (_spec(layout, _frames_spec(x.ndim)), _spec(layout, P(CONTEXT)))
