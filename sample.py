@@ -304,6 +304,7 @@ def main(argv=None):
                  + (f"along {args.action!r} ({args.action_convention} keys)" if args.action else f"from {args.c2w}"))
 
     mesh = cli.apply_parallel_flags(args)  # joins the other processes; the device count fits the mesh
+    primary = jax.process_index() == 0  # over several processes, every one samples and process 0 writes the files
     cache_dir = cli.apply_compilation_cache_flags(args)
     overrides = {name: getattr(args, name) for name in ("gdn_impl", "attention_impl", "context_impl", "mode") if getattr(args, name)}
     if args.checkpoint is None:
@@ -328,7 +329,7 @@ def main(argv=None):
     if mesh.size > 1:  # the DiT's parameters laid out on the mesh; its programs trace under it
         world.params = jax.device_put(world.params, param_shardings(world.params, mesh))
         jax.set_mesh(mesh)
-    streamed_mp4 = args.mode == "streaming" and world.vae_config.decoder_causal
+    streamed_mp4 = args.mode == "streaming" and world.vae_config.decoder_causal and primary
     refiner = load_refiner(args, world) if args.refine else None
     if args.mode == "streaming":
         stream = None
@@ -342,18 +343,21 @@ def main(argv=None):
                                              streamed_mp4, stream)
     else:
         result = world.generate(image, c2w, intrinsics, text, sampler, seed=args.seed, fused=args.fused)
-    report_stage(f"writing {args.out}" if not streamed_mp4 else "writing the latents and trajectory")
-    for kind, path in write_outputs(args.out, result, action=args.action, action_convention=args.action_convention,
-                                    translation_speed=args.translation_speed,
-                                    rotation_speed_deg=args.rotation_speed_deg,
-                                    action_overlay=not args.no_action_overlay, write_mp4=not streamed_mp4).items():
-        print(f"{kind}: {path}")
-    if streamed_mp4:
-        print(f"video: {args.out}")
+    if primary:
+        report_stage(f"writing {args.out}" if not streamed_mp4 else "writing the latents and trajectory")
+        for kind, path in write_outputs(args.out, result, action=args.action, action_convention=args.action_convention,
+                                        translation_speed=args.translation_speed,
+                                        rotation_speed_deg=args.rotation_speed_deg,
+                                        action_overlay=not args.no_action_overlay, write_mp4=not streamed_mp4).items():
+            print(f"{kind}: {path}")
+        if streamed_mp4:
+            print(f"video: {args.out}")
     if refiner is not None:
         refined_out = refined_path(args.out)
         if args.mode != "streaming":
             refined = refine(world, refiner, result, args.prompt, seed=args.seed)
+        if not primary:
+            return
         report_stage(f"writing {refined_out}" if not streamed_mp4 else "writing the refined latents and trajectory")
         for kind, path in write_outputs(refined_out, refined, action_convention=args.action_convention,
                                         translation_speed=args.translation_speed,

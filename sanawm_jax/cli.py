@@ -89,8 +89,14 @@ def add_compilation_cache_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_compilation_cache_flags(args: argparse.Namespace) -> Path | None:
-    """Enable the cache as the flags of `add_compilation_cache_flags` say; returns its directory or None."""
-    if args.no_compilation_cache:
+    """Enable the cache as the flags of `add_compilation_cache_flags` say; returns its directory or None.
+
+    A run over several CPU processes uses no cache: JAX keys a CPU program's entry per process and only process 0
+    writes entries, so process 0 alone would load its programs while the others compile them, and it would reach
+    the first collective long before them (gloo waits 30 s for the others)."""
+    import jax
+
+    if args.no_compilation_cache or (jax.process_count() > 1 and jax.default_backend() == "cpu"):
         return None
     return enable_compilation_cache(args.compilation_cache)
 

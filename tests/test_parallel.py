@@ -7,6 +7,8 @@ fake CPU devices (the `multi_device` session fixtures), and the tests here asser
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -184,9 +186,7 @@ def train_processes(workdir, data, num_processes: int, devices: int, steps: int,
 def test_two_processes_train_as_one_and_resume(demo_train_data, tmp_path):
     """2 processes x 4 devices (each loading 1 example of the global batch of 2, checkpointing collectively) give the
     losses of 1 process x 8 devices, and a second 2-process run resumes from their step-2 checkpoint with the losses
-    of the uninterrupted run. The resumed run finds the train step in the persistent compilation cache on process 0
-    only (CPU cache keys differ per process), so it also checks that the processes wait for each other's
-    compilation before their first collective."""
+    of the uninterrupted run."""
     train_processes(tmp_path / "one", demo_train_data, 1, 8, 4, tmp_path / "cache")
     train_processes(tmp_path / "two", demo_train_data, 2, 4, 2, tmp_path / "cache")
     assert sorted(int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()) == [2]
@@ -197,6 +197,19 @@ def test_two_processes_train_as_one_and_resume(demo_train_data, tmp_path):
     # The same global batches and float32 steps, collectives over gloo instead of in one process: round-off
     # (measured 6e-8 relative), amplified a little by 4 Adam steps, far under 1e-4.
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+
+
+def test_runs_over_several_cpu_processes_skip_the_compilation_cache(tmp_path, monkeypatch):
+    """Only process 0 would find its CPU programs in the cache (entries are keyed per process and process 0 writes
+    them): it would reach each collective while the others still compile."""
+    import jax
+
+    from sanawm_jax import cli
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    args = SimpleNamespace(no_compilation_cache=False, compilation_cache=str(tmp_path / "cache"))
+    assert cli.apply_compilation_cache_flags(args) is None
+    assert not (tmp_path / "cache").exists()
 
 
 def test_recipe_fields_are_flags_and_the_command_line_overrides_them(tmp_path):

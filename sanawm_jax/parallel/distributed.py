@@ -11,10 +11,10 @@ process exactly its own rows (e.g. a batch of 2 replicated over fsdp=8), the row
 process and then resharded by XLA.
 
 Processes must enter a program with collectives at nearly the same time: on CPU, gloo gives the processes 30 s to set
-up the communicator of their first collective. Work that only some processes do, or that takes one much longer than
-another (compiling a program that only process 0 finds in the persistent compilation cache: on CPU each process has
-its own cache keys, and only process 0 writes entries), goes before a `barrier`, which waits through the coordination
-service instead of a device collective.
+up the communicator of their first collective. Work that only some processes do, or that may take one much longer
+than another (building the demo data, compiling the train step), goes before a `barrier`, which waits through the
+coordination service instead of a device collective. (For the same reason a run over several CPU processes does not
+use the persistent compilation cache: see `cli.apply_compilation_cache_flags`.)
 """
 
 from __future__ import annotations

@@ -299,8 +299,8 @@ class Trainer:
 
     def _compile(self, local: dict, key: jax.Array) -> None:
         """Compile the train step for the global batch of which `local` is this process's share, then wait until
-        every process has compiled it, so that their first collectives start together (see `parallel.distributed`:
-        on CPU, only process 0 finds the step in the persistent compilation cache; the others compile it anew)."""
+        every process has compiled it, so that their first collectives start together however long each took to get
+        there (see `parallel.distributed`)."""
         count = jax.process_count()
         shape = lambda value: (value.shape[0] * count, *value.shape[1:])
         abstract = {
