@@ -11,6 +11,9 @@ stay automatic). Padded frames never reach a real frame: their keys are masked o
                        holds one remote block at a time (the memory-lean variant);
                        "ulysses": all-to-all from frame shards to head shards, full-sequence attention on H/c heads,
                        and back (when c divides the head count; otherwise "allgather").
+    cross-attention    `local_attention_cp`: each device's queries against the caption keys/values every device
+                       holds; no exchange (left to the automatic partitioner, the query blocks of the XLA path cut
+                       across the frame shards and every device gathers and attends every query).
     frame-level GDN    "allgather"/"ring": state passing. The recurrence is affine in its state
                        (M_out = M_in·A + B, A and B from the device's own frames), so each device computes (A, B)
                        for both scan directions, all-gathers these small D×D matrices, chains them into the state its
@@ -186,6 +189,15 @@ def dot_product_attention_cp(layout: ContextLayout, query, key, value, *, scale:
     if fn.func is _ring_attention:
         in_specs, operands = in_specs + (_spec(layout, P(CONTEXT)),), operands + (layout.device_index(),)
     return layout.shard_map(fn, in_specs, tokens_spec)(*operands)
+
+
+def local_attention_cp(layout: ContextLayout, query, key, value, *, scale: float, key_mask=None, impl: str = "xla"):
+    """`ops.attention.dot_product_attention` of token-sharded queries (B, N_pad, H, D) against keys/values (B, L, H, D)
+    and key_mask (B or 1, 1, 1, L) that every device holds whole (cross-attention to the caption). Returns
+    (B, N_pad, H, D) token-sharded."""
+    attend = lambda q, k, v, mask: dot_product_attention(q, k, v, scale=scale, key_mask=mask, impl=impl)
+    tokens_spec = _spec(layout, P(None, CONTEXT))
+    return layout.shard_map(attend, (tokens_spec, P(), P(), P()), tokens_spec)(query, key, value, key_mask)
 
 
 def _allgather_attention(layout, query, key, value, key_mask, query_segments, key_segments, *, scale, impl):

@@ -6,6 +6,7 @@ Parameter names follow the diffusers module names so checkpoints convert by a fi
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from sanawm_jax.models.sana_wm.chunks import later_chunk_ahead, same_chunk_ahead
 from sanawm_jax.ops.attention import dot_product_attention
-from sanawm_jax.ops.context_parallel import ContextLayout, frame_blocks, unblock
+from sanawm_jax.ops.context_parallel import ContextLayout, frame_blocks, local_attention_cp, unblock
 from sanawm_jax.ops.norm import rms_normalize
 from sanawm_jax.parallel import UNCONSTRAINED, constrain
 
@@ -387,13 +388,15 @@ class GLUMBConvTemp(nn.Module):
         return total
 
 class CrossAttention(nn.Module):
-    """Masked multi-head cross-attention from tokens (B, T, S, C) to text (B, L, C), text_mask (B, L) of 0/1."""
+    """Masked multi-head cross-attention from tokens (B, T, S, C) to text (B, L, C), text_mask (B, L) of 0/1. With
+    `context`, the frames are sharded over its axis and each device attends its own tokens."""
 
     num_heads: int
     qk_norm: bool = True
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    context: ContextLayout | None = None
 
     @nn.compact
     def __call__(self, x, text, text_mask):
@@ -407,8 +410,8 @@ class CrossAttention(nn.Module):
         split = lambda a, seq: constrain(a.reshape(b, a.shape[1], self.num_heads, head_dim),
                                          ("batch", seq, "act_heads", "act_kv"))
         key_mask = text_mask.astype(bool)[:, None, None, :]
-        out = dot_product_attention(
-            split(query, "sequence"), split(key, "text"), split(value, "text"), scale=head_dim**-0.5, key_mask=key_mask, impl=self.attention_impl
-        )
+        attend = dot_product_attention if self.context is None else functools.partial(local_attention_cp, self.context)
+        out = attend(split(query, "sequence"), split(key, "text"), split(value, "text"), scale=head_dim**-0.5,
+                     key_mask=key_mask, impl=self.attention_impl)
         out = dense(c, "proj", self.dtype, self.param_dtype)(out.reshape(b, t * s, c))
         return out.reshape(b, t, s, c)

@@ -105,7 +105,7 @@ class SanaWMBlock(nn.Module):
                 plucker_proj(jnp.zeros((1, c), dtype))
 
         cross = CrossAttention(cfg.num_attention_heads, cfg.cross_norm, cfg.attention_impl, dtype, param_dtype,
-                               name="cross_attn")
+                               self.context, name="cross_attn")
         x = masked(x + cross(x, text, text_mask))
 
         mlp = GLUMBConvTemp(c, cfg.mlp_hidden_size, self.grid[1:], cfg.t_kernel_size, dtype, param_dtype,
