@@ -21,6 +21,10 @@ chunk-wise schedule of the teacher) or streaming (the few-step student block by 
 decoded as it is done and appended to the mp4 when the VAE decoder is causal; prints each block's latency and the
 real-time factor).
 
+--mesh lays the DiT out on the devices (see sanawm_jax.parallel). Over several processes (--coordinator,
+--num-processes, --process-id, the same flags on every process) each process samples on its devices and process 0
+alone writes the files.
+
 Bad input stops the run with one line `error: ...` and exit code 2 before any model loads (--debug shows the
 traceback). Compiled programs are kept in JAX's persistent compilation cache, so a second run skips compilation.
 """
