@@ -36,8 +36,8 @@ RECIPE = {
     "num_frames": 17,
     "size": demo.TARGET_SIZE,
     "held_out": {"seed": 8, "index": 0, "num_clips": 4},
-    "vae": AutoencoderConfig(learning_rate=4e-3, num_steps=200, batch_size=2, num_frames=9, crop_size=(96, 128),
-                             seed=0),
+    "vae": AutoencoderConfig(learning_rate=1e-3, kl_weight=1e-6, num_steps=400, batch_size=4, num_frames=9,
+                             crop_size=(64, 96), seed=0),
     "dit": TrainConfig(learning_rate=1e-3, batch_size=8, num_steps=500, text_dropout=0.1, seed=0, num_frames=17,
                        target_size=demo.TARGET_SIZE),
 }

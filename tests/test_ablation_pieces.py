@@ -14,7 +14,7 @@ from sanawm_jax.data.synthetic import generate_clip, render, to_uint8
 from sanawm_jax.models.ltx2_vae import VAE_PRESETS, VideoAutoencoder, init_vae_params
 from sanawm_jax.models.sana_wm.config import PRESETS
 from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params, example_inputs
-from sanawm_jax.training.autoencoder import autoencoder_loss, random_crops
+from sanawm_jax.training.autoencoder import autoencoder_loss, initial_params, random_crops
 
 
 def test_camera_branches_off_makes_the_model_ignore_its_camera_inputs():
@@ -49,6 +49,21 @@ def test_autoencoder_loss_leaves_the_latent_statistics_untrained_and_weighs_the_
     kl = 0.5 * np.mean(np.asarray(mean, np.float64) ** 2 + np.exp(log_variance) - 1 - log_variance)
     np.testing.assert_allclose(float(parts["kl"]), kl, rtol=1e-5)  # float32 vs float64 sums of a few hundred terms
     np.testing.assert_allclose(float(loss), float(parts["mse"]) + 0.5 * kl, rtol=1e-5)
+
+
+def test_autoencoder_training_starts_from_a_grey_decoder_with_identity_resnets():
+    config = VAE_PRESETS["ltx2_video_tiny"]
+    params = initial_params(config, seed=0)
+    latents = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 2, 2, config.latent_channels)), jnp.float32)
+    model = VideoAutoencoder(config)
+    video, state = model.apply({"params": params}, latents, method="decode_raw", capture_intermediates=True)
+    np.testing.assert_array_equal(video, 0.0)  # the output convolution is zero: a flat grey frame
+    mid = state["intermediates"]["decoder"]["mid_block"]
+    conv_in = state["intermediates"]["decoder"]["conv_in"]["__call__"][0]
+    np.testing.assert_array_equal(mid["__call__"][0], conv_in)  # its resnet passes its input through
+    # The rest keeps its random initialisation: the resnets' first convolutions, the encoder's.
+    assert float(jnp.abs(params["decoder"]["mid_block"]["resnets_0"]["conv1"]["conv"]["kernel"]).min()) > 0
+    assert float(jnp.abs(params["encoder"]["conv_out"]["conv"]["kernel"]).std()) > 0
 
 
 def test_random_crops_are_windows_of_the_videos():

@@ -185,8 +185,6 @@ def test_embedded_default_runs_41_frames(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met yet: the bundled VAE reconstructs little beyond the mean colour; "
-                                       "measured 12.7 dB trained against 10.1 dB random (+2.5 dB)")
 def test_embedded_default_shows_the_courtyard_moving_along_the_action_path(tmp_path, monkeypatch):
     """The main command's video against the ground-truth render of the held-out courtyard along the same trajectory
     (from the trajectory.npz it writes): the trained demo weights beat seeded random ones by at least 3 dB."""

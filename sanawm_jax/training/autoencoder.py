@@ -2,6 +2,12 @@
 sample plus a weighted KL term of the diagonal Gaussian posterior, on random space-time crops (the VAE is
 convolutional, so crops train it for any frame size); then the per-channel latent statistics.
 
+Training starts from `initial_params`: the default initialisation with the decoder's output convolution and the
+last convolution of every resnet set to zero, so the decoder starts as a flat grey image and each resnet as the
+identity. From the default initialisation the decoder's first steps erase its random-noise output the only way
+its parameter-free RMS norms allow, by growing a position-independent component that then dominates every norm's
+input; the latents' share of the signal shrinks with it and the decoder stays on the clip's mean colour.
+
     params, history = train_autoencoder(vae_config, videos, AutoencoderConfig(num_steps=300))
     params = with_latent_statistics(params, vae_config, videos)   # `codec.encode` then gives ~N(0, 1) latents
 
@@ -55,6 +61,20 @@ class AutoencoderConfig(FrozenConfig):
             (self.num_frames >= 1, "num_frames must be positive"),
             (self.num_steps >= 0, "num_steps must be >= 0"),
         ])
+
+
+def initial_params(vae_config: VAEConfig, seed: int) -> dict:
+    """`init_vae_params` from `jax.random.key(seed)` with the decoder's `conv_out` and every resnet's `conv2`
+    (encoder and decoder) zeroed."""
+    params = init_vae_params(vae_config, jax.random.key(seed))
+
+    def zero_outputs(path, leaf):
+        names = [str(key.key) for key in path]
+        is_output = names[:2] == ["decoder", "conv_out"] or (
+            len(names) >= 3 and names[-3] == "conv2" and names[-4].startswith("resnets_"))
+        return jnp.zeros_like(leaf) if is_output else leaf
+
+    return jax.tree_util.tree_map_with_path(zero_outputs, params)
 
 
 def autoencoder_loss(params, video, key, vae_config: VAEConfig, kl_weight: float, sample_posterior: bool = True):
@@ -111,13 +131,13 @@ def train_step_program(vae_config: VAEConfig, config: AutoencoderConfig):
 
 def train_autoencoder(vae_config: VAEConfig, videos, config: AutoencoderConfig, params=None,
                       log=None) -> tuple[dict, list[dict]]:
-    """Train from `params` (default: `init_vae_params` from the config's seed) for config.num_steps steps on crops
+    """Train from `params` (default: `initial_params` from the config's seed) for config.num_steps steps on crops
     of videos (N, F, H, W, 3) in [-1, 1]; `log(record)` sees every step's record. Returns (params, one record
     {"step", "loss", "mse", "kl"} per step)."""
     videos = np.asarray(videos, np.float32)
     check_video((config.batch_size, config.num_frames, *config.crop_size, 3), vae_config)
     if params is None:
-        params = init_vae_params(vae_config, jax.random.key(config.seed))
+        params = initial_params(vae_config, config.seed)
     step = train_step_program(vae_config, config.replace(seed=0))
     opt_state = make_optimizer(config).init(params)
     rng, key = np.random.default_rng(config.seed), jax.random.key(config.seed)
