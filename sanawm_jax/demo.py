@@ -171,7 +171,8 @@ def has_trained_weights(**config_overrides) -> bool:
 
 def save_trained_weights(path, dit_config, dit_params, vae_config, vae_params) -> Path:
     """One safetensors file: every array under "transformer/<path>" or "vae/<path>" (float32), both configs as
-    JSON in its metadata. The bytes are a function of the arrays and configs."""
+    JSON in its metadata. The bytes are a function of the arrays and configs: the configs are one metadata entry,
+    since safetensors writes the entries of its metadata map in an order that varies between calls."""
     from safetensors.numpy import save_file
 
     tensors = {}
@@ -179,8 +180,8 @@ def save_trained_weights(path, dit_config, dit_params, vae_config, vae_params) -
         for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
             name = "/".join(str(key.key) for key in key_path)
             tensors[f"{prefix}/{name}"] = np.ascontiguousarray(np.asarray(leaf, np.float32))
-    metadata = {"transformer_config": json.dumps(dit_config.to_dict(), sort_keys=True),
-                "vae_config": json.dumps(vae_config.to_dict(), sort_keys=True)}
+    metadata = {"configs": json.dumps({"transformer": dit_config.to_dict(), "vae": vae_config.to_dict()},
+                                      sort_keys=True)}
     save_file(tensors, str(path), metadata=metadata)
     return Path(path)
 
@@ -195,8 +196,9 @@ def load_trained_weights(path=None, **config_overrides):
     with safe_open(str(path), framework="numpy") as stored:
         metadata = stored.metadata()
         tensors = {name: stored.get_tensor(name) for name in stored.keys()}
-    dit_config = SanaWMConfig.from_dict(json.loads(metadata["transformer_config"])).replace(**config_overrides)
-    vae_config = vae.VAEConfig.from_dict(json.loads(metadata["vae_config"]))
+    configs = json.loads(metadata["configs"])
+    dit_config = SanaWMConfig.from_dict(configs["transformer"]).replace(**config_overrides)
+    vae_config = vae.VAEConfig.from_dict(configs["vae"])
 
     def tree(prefix, abstract):
         def take(key_path, leaf):
