@@ -33,7 +33,7 @@ from sanawm_jax.models.sana_wm.layers import (
     TimestepEmbedder,
     apply_rope,
     dense,
-    rope_angles,
+    rotary_tables,
 )
 from sanawm_jax.models.sana_wm.transformer import FinalLayer, SanaWMBlock, SanaWMTransformer, init_params
 from sanawm_jax.ops.gdn import frame_gdn
@@ -75,7 +75,7 @@ def parts(config, params, inputs):
     x = normal(b, t, s, c)
     text = normal(b, inputs["text"].shape[1], c)
     text_mask = jnp.asarray(inputs["text_mask"])
-    rope = rope_angles(grid, d, cfg.rope_max_seq_len)
+    rope = rotary_tables(grid, d, cfg.rope_max_seq_len)
     transforms = jax.jit(lambda conditions: ucpe.ray_transforms(
         conditions, grid, cfg.patch_size, d, cfg.rope_max_seq_len))(jnp.asarray(inputs["camera_conditions"]))
     heads_shape = (b, t * s, heads, d)
@@ -92,7 +92,7 @@ def parts(config, params, inputs):
         y = apply(CaptionEmbedder(c, dtype, param_dtype))(p["y_embedder"], text_in)
         y = apply(RMSNorm(1e-5, dtype, param_dtype))(p["attention_y_norm"], y)
         ray = ucpe.ray_transforms(conditions, grid, cfg.patch_size, d, cfg.rope_max_seq_len)
-        return tokens, plucker_tokens, modulation, y, ray, rope_angles(grid, d, cfg.rope_max_seq_len)
+        return tokens, plucker_tokens, modulation, y, ray, rotary_tables(grid, d, cfg.rope_max_seq_len)
 
     def projections(p, a, names):
         return [apply(nn.Dense(p[n]["kernel"].shape[-1], "bias" in p[n], dtype, param_dtype))(p[n], a)
@@ -119,7 +119,7 @@ def parts(config, params, inputs):
         lambda p, a: [short_conv(p[n], a) for n in ("conv_k", "conv_k_cam")], attn, x), num_gdn)
     norm = apply(RMSNorm(1e-5, dtype, param_dtype))
     table["GDN: q/k RMSNorm + RoPE (main)"] = (jit(
-        lambda p, q, k, angles: [apply_rope(norm(p[n], a).reshape(heads_shape), angles)
+        lambda p, q, k, tables: [apply_rope(norm(p[n], a).reshape(heads_shape), tables)
                                  for n, a in (("q_norm", q), ("k_norm", k))], attn, x, x, rope), num_gdn)
     table["GDN: recurrence (main num+den, camera num)"] = (jit(
         lambda q, k, v, qu, ku, vu, beta, decay: [frame_gdn(q, k, v, beta, decay, q, k),

@@ -562,7 +562,10 @@ def ucpe_ray_matrices(
     ray_y = _normalize(jnp.cross(ray_z, ray_x))
     world_to_ray_rotation = jnp.stack([ray_x, ray_y, ray_z], axis=-2)
     camera_centre = c2w[:, :, None, None, :3, 3]
-    world_to_ray = _se3(world_to_ray_rotation, -_apply(world_to_ray_rotation, camera_centre))
-    has_nan = jnp.isnan(directions).any(axis=-1)[..., None, None]
-    world_to_ray = jnp.where(has_nan, jnp.eye(4, dtype=jnp.float32), world_to_ray)
+    translation = -_apply(world_to_ray_rotation, camera_centre)
+    # Identity for NaN rays, chosen on the parts: the matrices are then a concatenation, which XLA materialises
+    # once, where a final select was fused into (and evaluated by) every head and channel of the UCPE transforms.
+    has_nan = jnp.isnan(directions).any(axis=-1)[..., None]
+    world_to_ray = _se3(jnp.where(has_nan[..., None], jnp.eye(3, dtype=jnp.float32), world_to_ray_rotation),
+                        jnp.where(has_nan, 0.0, translation))
     return world_to_ray.reshape(batch, frames * height * width, 4, 4)

@@ -20,7 +20,7 @@ import pytest
 from sanawm_jax.demo import random_params
 from sanawm_jax.models.sana_wm.chunks import chunk_ids, chunk_starts, same_chunk_ahead
 from sanawm_jax.models.sana_wm.config import PRESETS
-from sanawm_jax.models.sana_wm.layers import rope_angles
+from sanawm_jax.models.sana_wm.layers import rotary_tables
 from sanawm_jax.models.sana_wm.transformer import SanaWMBlock, SanaWMTransformer, abstract_params
 from sanawm_jax.models.sana_wm import ucpe
 from tests.test_transformer_parity import camera_inputs
@@ -135,7 +135,7 @@ def test_released_width_block(index):
     frames, height, width = RELEASED_WIDTH_GRID
     grid = RELEASED_WIDTH_GRID
     c = config.hidden_size
-    rope = rope_angles(grid, config.linear_head_dim, config.rope_max_seq_len)
+    rope = rotary_tables(grid, config.linear_head_dim, config.rope_max_seq_len)
     transforms = ucpe.ray_transforms(jnp.asarray(conditions), grid, config.patch_size, config.linear_head_dim,
                                      config.rope_max_seq_len)
     args = (text, text_mask, t_mod, rope, transforms, plucker, None)

@@ -18,7 +18,7 @@ import pytest
 from sanawm_jax.demo import random_params
 from sanawm_jax.models.sana_wm import streaming, ucpe
 from sanawm_jax.models.sana_wm.config import PRESETS
-from sanawm_jax.models.sana_wm.layers import rope_angles
+from sanawm_jax.models.sana_wm.layers import rotary_tables
 from sanawm_jax.models.sana_wm.streaming import block_bounds, init_stream_state
 from sanawm_jax.models.sana_wm.transformer import SanaWMBlock, SanaWMTransformer, abstract_params
 from tests.test_chunk_causal import RELEASED_WIDTH_GRID, model_inputs, rel, released_width_block_inputs
@@ -106,7 +106,7 @@ def test_released_width_block(index):
 
     def geometry(start, end):
         grid = (end - start, height, width)
-        rope = rope_angles(grid, config.linear_head_dim, config.rope_max_seq_len, start_frame=jnp.int32(start))
+        rope = rotary_tables(grid, config.linear_head_dim, config.rope_max_seq_len, start_frame=jnp.int32(start))
         transforms = ucpe.ray_transforms(conditions[:, start:end], grid, config.patch_size, config.linear_head_dim,
                                          config.rope_max_seq_len, jnp.int32(start))
         return rope, transforms

@@ -99,7 +99,8 @@ class DualBranchAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, rope, transforms: ucpe.RayTransforms | None, frame_mask=None, cache=None, block=None):
-        """rope: (N, D/2) angles; transforms: UCPE ray transforms or None (no camera branch); frame_mask: (B, T).
+        """rope: (N, D) rotary tables (`layers.rotary_tables`); transforms: UCPE ray transforms or None (no camera
+        branch); frame_mask: (B, T).
 
         Streaming mode (`stream_config` set): x is one block, cache this layer's attention cache
         (`streaming.init_stream_state`), block its index (int32 scalar); returns (output, updated cache).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -182,48 +182,61 @@ def rope_frequencies(head_dim: int, max_seq_len: int, theta: float = 10000.0) ->
     return axis_table(pairs_t), axis_table(pairs_hw), axis_table(pairs_hw)
 
 
-def rope_angles(grid: tuple[int, int, int], head_dim: int, max_seq_len: int, pairs=None,
-                start_frame=None) -> jnp.ndarray:
-    """Rotary angles for every token of a (T, H, W) grid, (T*H*W, pairs_t + pairs_h + pairs_w) float32.
+class RotaryTables(NamedTuple):
+    """Per-channel rotary tables of N tokens, (N, 2P) each: cos repeated over each channel pair, sin signed (−, +)."""
+
+    cos: jnp.ndarray
+    sin: jnp.ndarray
+
+
+def rotary_tables(grid: tuple[int, int, int], head_dim: int, max_seq_len: int, pairs=None,
+                  start_frame=None) -> RotaryTables:
+    """Rotary tables for every token of a (T, H, W) grid, (T*H*W, 2 * (pairs_t + pairs_h + pairs_w)) float32.
 
     `pairs` = (n_t, n_h, n_w) keeps only the leading pairs of each axis (the reduced table of the UCPE camera branch).
     `start_frame` (int32 scalar, may be traced; streaming mode): frames sit at absolute positions start_frame + t.
+    cos and sin are taken of the per-axis angle tables on the host, so the program only gathers table rows: computed
+    in the program, XLA fused them into every rotation and evaluated them again for each head and channel.
     """
     t, h, w = grid
     if max(grid) > max_seq_len:
         raise ValueError(f"latent grid {grid} exceeds the rotary table length {max_seq_len}")
-    tables = rope_frequencies(head_dim, max_seq_len)
+    angles = rope_frequencies(head_dim, max_seq_len)
     if pairs is not None:
-        tables = tuple(table[:, :n] for table, n in zip(tables, pairs))
-    table_t, table_h, table_w = (jnp.asarray(table) for table in tables)
+        angles = tuple(table[:, :n] for table, n in zip(angles, pairs))
+
+    def axis_tables(rows):
+        """(max_seq_len, n) angles -> (rows, 2n) cos and signed sin tables."""
+        cos, sin = np.repeat(np.cos(rows), 2, axis=-1), np.stack([-np.sin(rows), np.sin(rows)], -1)
+        return np.concatenate([cos, sin.reshape(cos.shape)], axis=-1)
+
+    table_t, table_h, table_w = (jnp.asarray(axis_tables(table)) for table in angles)
     if start_frame is None:
         frames_t = table_t[:t]
     else:
         frames_t = jax.lax.dynamic_slice_in_dim(table_t, start_frame, t, axis=0)
-    angles = jnp.concatenate(
-        [
-            jnp.broadcast_to(frames_t[:, None, None], (t, h, w, table_t.shape[1])),
-            jnp.broadcast_to(table_h[None, :h, None], (t, h, w, table_h.shape[1])),
-            jnp.broadcast_to(table_w[None, None, :w], (t, h, w, table_w.shape[1])),
-        ],
-        axis=-1,
-    )
-    return angles.reshape(t * h * w, -1)
+    parts = [
+        jnp.broadcast_to(frames_t[:, None, None], (t, h, w, table_t.shape[1])),
+        jnp.broadcast_to(table_h[None, :h, None], (t, h, w, table_h.shape[1])),
+        jnp.broadcast_to(table_w[None, None, :w], (t, h, w, table_w.shape[1])),
+    ]
+    halves = [[part[..., : part.shape[-1] // 2], part[..., part.shape[-1] // 2 :]] for part in parts]
+    cos, sin = (jnp.concatenate([half[i] for half in halves], axis=-1).reshape(t * h * w, -1) for i in range(2))
+    return RotaryTables(cos, sin)
 
 
-def apply_rope(x, angles, inverse: bool = False):
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, N, H, 2P) by angles (N, P); float32 math.
+def apply_rope(x, tables: RotaryTables, inverse: bool = False):
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, N, H, 2P) by the angles of `tables`
+    (`rotary_tables`); float32 math.
 
-    Written as x·cos + swap(x)·(−sin, sin) with per-channel (N, 2P) tables, swap exchanging the two channels of each
-    pair: one elementwise pass over x, where splitting the pairs with stride-2 slices and stacking the rotated halves
-    back runs about 2x slower on XLA's CPU backend (bench/RESULTS.md).
+    Written as x·cos + swap(x)·(−sin, sin), swap exchanging the two channels of each pair: one elementwise pass over
+    x, where splitting the pairs with stride-2 slices and stacking the rotated halves back runs about 2x slower on
+    XLA's CPU backend (bench/RESULTS.md).
     """
-    sin = -jnp.sin(angles) if inverse else jnp.sin(angles)
-    cos = jnp.repeat(jnp.cos(angles), 2, axis=-1)[None, :, None, :]
-    signed_sin = jnp.stack([-sin, sin], axis=-1).reshape(cos.shape)
+    cos, signed_sin = (table[None, :, None, :] for table in tables)
     x32 = x.astype(jnp.float32)
     swapped = x32.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
-    return (x32 * cos + swapped * signed_sin).astype(x.dtype)
+    return (x32 * cos + swapped * (-signed_sin if inverse else signed_sin)).astype(x.dtype)
 
 
 def depthwise_conv(x, kernel):

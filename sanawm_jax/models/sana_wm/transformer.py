@@ -35,7 +35,7 @@ from sanawm_jax.models.sana_wm.layers import (
     dense,
     layer_norm,
     modulate,
-    rope_angles,
+    rotary_tables,
 )
 from sanawm_jax.models.sana_wm.streaming import LayerCache, StreamState
 from sanawm_jax.ops.context_parallel import ContextLayout, context_layout
@@ -172,7 +172,7 @@ class SanaWMTransformer(nn.Module):
         if cfg.y_norm:
             y = RMSNorm(1e-5, dtype, param_dtype, name="attention_y_norm")(y)
 
-        rope = rope_angles(grid, cfg.linear_head_dim, cfg.rope_max_seq_len, start_frame=start_frame)
+        rope = rotary_tables(grid, cfg.linear_head_dim, cfg.rope_max_seq_len, start_frame=start_frame)
         transforms = None
         if camera_conditions is not None:
             transforms = ucpe.ray_transforms(
