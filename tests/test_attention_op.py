@@ -37,7 +37,7 @@ def test_masked_keys_get_no_weight():
                                                          (2, 20, 106480, 106480), (2, 3, 30, 30)])
 def test_query_blocks_cover_the_queries_within_the_logits_budget(batch, heads, queries, keys):
     num_blocks, rows = attention.query_blocking(batch, heads, queries, keys)
-    assert rows <= attention.QUERY_BLOCK and num_blocks * rows >= queries > (num_blocks - 1) * rows
+    assert num_blocks * rows >= queries > (num_blocks - 1) * rows
     assert num_blocks * rows - queries < num_blocks  # equal blocks: less than one padded row per block
     within_budget = 4 * batch * heads * rows * keys <= attention.LOGITS_BLOCK_BYTES
     assert within_budget or rows <= attention.MIN_QUERY_BLOCK
