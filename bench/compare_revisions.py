@@ -5,8 +5,11 @@ both models are built side by side from the same random parameters and inputs (t
 A, B, A, B, ... Besides the wall clock it records the process CPU time of every call (all threads): on a machine that
 other jobs load, CPU time is far less disturbed than wall time, so a change can be judged while a diffusers ratio
 cannot. The last line is `a_over_b_wall=R cpu=C` (medians of the per-repeat ratios; > 1: B is faster).
+With `--sample-step` both sides run the sampling step of `bench/sample_step.py --configs small` instead (CFG batch 2,
+random parameters; the model arguments are then ignored).
 
     python bench/compare_revisions.py main HEAD [--layers 4 --hidden 256 --head-dim 64 --frames 5 ...] [--repeats 9]
+    python bench/compare_revisions.py main HEAD --sample-step [--repeats 7]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from dit_forward import add_model_arguments, model_config_fields, random_inputs
 from timing import machine_state, relative_spread, report_machine
@@ -51,12 +55,38 @@ def build_forward(package: str, args):
     return jax.jit(transformer.SanaWMTransformer(config).apply), transformer.init_params(config, jax.random.key(0)), config
 
 
+def build_sample_step(package: str, params=None):
+    """(step on the inputs of `sample_step.py`'s small case, parameters) in `package`; parameters are drawn when
+    not given."""
+    from sample_step import CASES, GUIDANCE_SCALE, NUM_STEPS, SHIFT, STEP_INDEX, make_inputs
+
+    config_module = importlib.import_module(f"{package}.models.sana_wm.config")
+    transformer = importlib.import_module(f"{package}.models.sana_wm.transformer")
+    sampler = importlib.import_module(f"{package}.diffusion.sampler")
+    scheduler = importlib.import_module(f"{package}.diffusion.scheduler")
+    case = CASES["small"]
+    config = config_module.SanaWMConfig.from_diffusers_config(case["model"])
+    params = transformer.init_params(config, jax.random.key(0)) if params is None else params
+    model = transformer.SanaWMTransformer(config)
+    inputs = make_inputs(case, np.random.default_rng(0))
+    conditioning = sampler.guidance_conditioning(
+        inputs["text"], inputs["text_mask"], inputs["text"], inputs["text_mask"], inputs["camera_conditions"],
+        inputs["chunk_plucker"], use_guidance=True,
+    )
+    sigmas = scheduler.flow_sigmas(NUM_STEPS, SHIFT)
+    arguments = (jnp.asarray(inputs["latents"]), jnp.float32(scheduler.flow_timesteps(sigmas)[STEP_INDEX]),
+                 jnp.asarray(sigmas), jnp.float32(GUIDANCE_SCALE), conditioning)
+    step = jax.jit(lambda p, *a: sampler.denoise_step(model, p, *a, True))
+    return (lambda: jax.block_until_ready(step(params, *arguments))), params
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("revision_a")
     parser.add_argument("revision_b")
     add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--sample-step", action="store_true", help="time the small sampling step, not the forward")
     args = parser.parse_args()
     before = machine_state()
 
@@ -65,11 +95,16 @@ def main():
     for side, revision in (("A", args.revision_a), ("B", args.revision_b)):
         export_package(revision, names[side], workdir)
     sys.path.insert(0, str(workdir))
-    forward_a, params, config = build_forward(names["A"], args)
-    forward_b, _, _ = build_forward(names["B"], args)
-    inputs = random_inputs(np.random.default_rng(0), args, config)
-    calls = {"A": lambda: jax.block_until_ready(forward_a({"params": params}, **inputs)),
-             "B": lambda: jax.block_until_ready(forward_b({"params": params}, **inputs))}
+    if args.sample_step:
+        step_a, params = build_sample_step(names["A"])
+        step_b, _ = build_sample_step(names["B"], params)
+        calls = {"A": step_a, "B": step_b}
+    else:
+        forward_a, params, config = build_forward(names["A"], args)
+        forward_b, _, _ = build_forward(names["B"], args)
+        inputs = random_inputs(np.random.default_rng(0), args, config)
+        calls = {"A": lambda: jax.block_until_ready(forward_a({"params": params}, **inputs)),
+                 "B": lambda: jax.block_until_ready(forward_b({"params": params}, **inputs))}
 
     out_a, out_b = np.asarray(calls["A"]()), np.asarray(calls["B"]())  # also compiles both
     difference = np.linalg.norm(out_a - out_b) / np.linalg.norm(out_a)
@@ -81,8 +116,12 @@ def main():
             wall[side].append(time.perf_counter() - start_wall)
             cpu[side].append(time.process_time() - start_cpu)
 
-    print(f"A = {args.revision_a}, B = {args.revision_b}; config: {args.layers} layers, hidden {args.hidden}, head dim "
-          f"{args.head_dim}, latent {args.frames}x{args.height}x{args.width}; {args.repeats} interleaved repeats")
+    if args.sample_step:
+        work = "sampling step of sample_step.py's small case"
+    else:
+        work = (f"forward of {args.layers} layers, hidden {args.hidden}, head dim {args.head_dim}, latent "
+                f"{args.frames}x{args.height}x{args.width}")
+    print(f"A = {args.revision_a}, B = {args.revision_b}; {work}; {args.repeats} interleaved repeats")
     print(f"output difference: relative L2 {difference:.1e}")
     ratios = {}
     for label, times in (("wall", wall), ("cpu", cpu)):
