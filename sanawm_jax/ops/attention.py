@@ -29,7 +29,7 @@ def query_blocking(batch: int, heads: int, queries: int, keys: int, query_block:
     than 16 MiB ones at 1980 keys and 4 heads or 1100 keys and 8 heads. On a GPU a block this size still fills the
     device (the released shapes, B=2, H=20, 106,480 keys, get 64-row blocks of 1.1 GB instead of 512-row blocks of
     8.7 GB). Attention to few keys (cross-attention to text) runs as one block: at 1100 queries, 64 keys and 4 heads
-    it took 1.26x the CPU time as the three 367-row blocks of a former 512-row limit."""
+    the three 367-row blocks of a former 512-row limit took 1.26x its CPU time."""
     budget_rows = LOGITS_BLOCK_BYTES // (4 * batch * heads * keys)
     rows = min(max(MIN_QUERY_BLOCK, budget_rows), queries, query_block or queries)
     num_blocks = -(-queries // rows)
