@@ -318,18 +318,65 @@ def _context_op_errors(gdn_cases, softmax_impls, size=4, t=7) -> dict:
     query, key, value = (normal(b, n, h, d) for _ in range(3))
     key_mask = jnp.asarray(rng.uniform(size=(b, 1, 1, n)) > 0.3)
     ids = chunks.chunk_ids(layout_starts, t).repeat(s)
-    expected = dot_product_attention(query, key, value, scale=0.3, key_mask=key_mask, segments=(ids, ids))
+    attention_cotangent = normal(b, n, h, d)
+    with_loss = lambda attend: lambda *qkv: (jnp.sum(attend(*qkv) * attention_cotangent), attend(*qkv))
+    grads, expected = jax.grad(with_loss(lambda q_, k_, v_: dot_product_attention(
+        q_, k_, v_, scale=0.3, key_mask=key_mask, segments=(ids, ids))), (0, 1, 2), has_aux=True)(query, key, value)
     for impl in softmax_impls:
         layout = ContextLayout(size, t, impl)
         n_pad = layout.padded_frames * s
         pad = lambda a: jnp.pad(a, ((0, 0),) * (a.ndim - 3) + ((0, n_pad - n),) + ((0, 0),) * 2)
         padded_ids = np.pad(ids, (0, n_pad - n), mode="edge")
         mask = jnp.pad(key_mask, ((0, 0), (0, 0), (0, 0), (0, n_pad - n)))
+        sharded = lambda q_, k_, v_: dot_product_attention_cp(
+            layout, pad(q_), pad(k_), pad(v_), scale=0.3, key_mask=mask, segments=(padded_ids, padded_ids))[:, :n]
         with jax.set_mesh(mesh):
-            out = jax.jit(lambda q_, k_, v_, m: dot_product_attention_cp(
-                layout, q_, k_, v_, scale=0.3, key_mask=m, segments=(padded_ids, padded_ids)))(
-                pad(query), pad(key), pad(value), mask)[:, :n]
+            sharded_grads, out = jax.jit(jax.grad(with_loss(sharded), (0, 1, 2), has_aux=True))(query, key, value)
         errors[f"softmax {impl} chunk_causal"] = relative(out, expected)
+        errors[f"softmax {impl} chunk_causal grad"] = max(relative(g, r) for g, r in zip(sharded_grads, grads))
+    return errors
+
+
+@check
+def context_parallel_bf16_gradients(workdir: Path) -> dict:
+    """Gradients in bfloat16 of the context-parallel softmax attention (K/V all-gather) and of cross-attention to
+    keys every device holds, on an ("fsdp", "context") = (2, 2) mesh with the batch split over fsdp (the shard_maps
+    manual over context only), against the float32 single-device gradients: {case: max abs error / max abs
+    reference}. XLA's CPU compiler aborted on both programs while their gradient sums over the devices were bf16
+    reductions ("Invalid binary instruction opcode copy")."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from sanawm_jax.ops.attention import dot_product_attention
+    from sanawm_jax.ops.context_parallel import ContextLayout, dot_product_attention_cp, local_attention_cp
+
+    rng = np.random.default_rng(2)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    b, frames, s, h, d, text = 2, 4, 3, 2, 8, 5
+    query, key, value = (normal(b, frames * s, h, d) for _ in range(3))
+    text_key, text_value = normal(b, text, h, d), normal(b, text, h, d)
+    cotangent = normal(b, frames * s, h, d)
+    layout = ContextLayout(2, frames)
+    cases = {
+        "softmax allgather": (lambda q_, k_, v_: dot_product_attention_cp(layout, q_, k_, v_, scale=0.3),
+                              lambda q_, k_, v_: dot_product_attention(q_, k_, v_, scale=0.3), (query, key, value)),
+        "cross-attention": (lambda q_, k_, v_: local_attention_cp(layout, q_, k_, v_, scale=0.3),
+                            lambda q_, k_, v_: dot_product_attention(q_, k_, v_, scale=0.3),
+                            (query, text_key, text_value)),
+    }
+    loss = lambda attend: lambda *qkv: jnp.sum(attend(*qkv).astype(jnp.float32) * cotangent)
+    errors = {}
+    for name, (sharded, single, inputs) in cases.items():
+        expected = jax.grad(loss(single), (0, 1, 2))(*inputs)
+        mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("fsdp", "context"))
+        batch = NamedSharding(mesh, PartitionSpec("fsdp"))
+        with jax.set_mesh(mesh):
+            bf16_inputs = [jax.device_put(a.astype(jnp.bfloat16), batch) for a in inputs]
+            grads = jax.jit(jax.grad(loss(sharded), (0, 1, 2)))(*bf16_inputs)
+        errors[name] = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+                           for g, r in zip(grads, expected))
     return errors
 
 

@@ -118,6 +118,27 @@ def _local_valid(layout, device_index):
     return _own_index(device_index) * layout.local_frames + jnp.arange(layout.local_frames) < layout.frames
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_tokens(x, axis_name: str):
+    """Inside shard_map: (B, N_l, ...) -> (B, c·N_l, ...), every device's block along axis 1 in device order. The
+    gradient (a sum over the devices, scattered back) is summed in float32 whatever x's dtype: the reduce-scatter JAX
+    writes for the transpose of a bf16 all-gather aborts XLA's CPU compiler (its all-reduce promotion cannot clone
+    that reduction), and a sum over devices belongs in float32 anyway."""
+    return lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+
+def _gather_tokens_fwd(x, axis_name):
+    return _gather_tokens(x, axis_name), None
+
+
+def _gather_tokens_bwd(axis_name, _, cotangent):
+    summed = lax.psum_scatter(cotangent.astype(jnp.float32), axis_name, scatter_dimension=1, tiled=True)
+    return (summed.astype(cotangent.dtype),)
+
+
+_gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
+
+
 def _shift(layout, x, hops: int):
     """Inside shard_map: device i receives x of device i - hops (zeros where that device does not exist)."""
     if hops > 0:
@@ -194,14 +215,20 @@ def dot_product_attention_cp(layout: ContextLayout, query, key, value, *, scale:
 def local_attention_cp(layout: ContextLayout, query, key, value, *, scale: float, key_mask=None, impl: str = "xla"):
     """`ops.attention.dot_product_attention` of token-sharded queries (B, N_pad, H, D) against keys/values (B, L, H, D)
     and key_mask (B or 1, 1, 1, L) that every device holds whole (cross-attention to the caption). Returns
-    (B, N_pad, H, D) token-sharded."""
-    attend = lambda q, k, v, mask: dot_product_attention(q, k, v, scale=scale, key_mask=mask, impl=impl)
+    (B, N_pad, H, D) token-sharded.
+
+    Keys and values enter the shard_map in float32 (a lossless round trip from bf16): the gradient of an input every
+    device holds is a sum over the devices, kept in float32 (see `_gather_tokens`)."""
+    dtype = key.dtype
+    attend = lambda q, k, v, mask: dot_product_attention(q, k.astype(dtype), v.astype(dtype), scale=scale,
+                                                         key_mask=mask, impl=impl)
     tokens_spec = _spec(layout, P(None, CONTEXT))
-    return layout.shard_map(attend, (tokens_spec, P(), P(), P()), tokens_spec)(query, key, value, key_mask)
+    return layout.shard_map(attend, (tokens_spec, P(), P(), P()), tokens_spec)(
+        query, key.astype(jnp.float32), value.astype(jnp.float32), key_mask)
 
 
 def _allgather_attention(layout, query, key, value, key_mask, query_segments, key_segments, *, scale, impl):
-    gather = lambda a: lax.all_gather(a, layout.axis, axis=1, tiled=True)
+    gather = lambda a: _gather_tokens(a, layout.axis)
     segments = None if query_segments is None else (query_segments, key_segments)
     return dot_product_attention(query, gather(key), gather(value), scale=scale, key_mask=key_mask, impl=impl,
                                  segments=segments)
