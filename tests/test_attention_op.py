@@ -22,6 +22,22 @@ def test_query_blocks_equal_one_block(query_block):
     np.testing.assert_allclose(blocked, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_query_block_gradients_equal_one_block():
+    """Blocks recompute their logits in the backward pass (`jax.checkpoint`); the gradients must not change."""
+    rng = np.random.default_rng(1)
+    query, key, value, cotangent = (rng.standard_normal((2, 30, 3, 8)).astype(np.float32) for _ in range(4))
+    key_mask = rng.random((2, 1, 1, 30)) > 0.3
+    segments = (np.arange(30) // 10, np.arange(30) // 10)
+
+    def gradients(query_block):
+        loss = lambda q, k, v: (dot_product_attention(q, k, v, scale=0.3, key_mask=key_mask, segments=segments,
+                                                      query_block=query_block) * cotangent).sum()
+        return jax.jit(jax.grad(loss, (0, 1, 2)))(query, key, value)
+
+    for blocked, whole in zip(gradients(7), gradients(30)):
+        np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)  # float32, rows batched differently
+
+
 def test_masked_keys_get_no_weight():
     rng = np.random.default_rng(1)
     query, key, value = (rng.standard_normal((1, 5, 2, 4)).astype(np.float32) for _ in range(3))

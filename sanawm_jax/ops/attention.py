@@ -4,7 +4,7 @@
 exp(logit - max), cast to the value dtype, go through the second matmul (float32 accumulation) and the result is
 divided by their float32 row sums, which saves a pass over the logits. Queries are processed in blocks of equal
 size (a `lax.map`, see `query_blocking`), so the logits held at once are (B, H, rows, Nk) rather than (B, H, Nq, Nk):
-exact, since every query row's softmax is independent.
+exact, since every query row's softmax is independent. Gradients recompute each block's logits (`jax.checkpoint`).
 "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash-attention kernel on NVIDIA GPUs
 (bf16/fp16 inputs).
 """
@@ -77,11 +77,15 @@ def dot_product_attention(query, key, value, *, scale: float, key_mask=None, imp
     num_blocks, block = query_blocking(b, h, nq, key.shape[1], query_block)
     if num_blocks == 1:
         return attend(query, query_segments)
+    # Under autodiff each block's logits and weights are recomputed in the backward pass instead of saved: saved,
+    # they would stack into the whole (B, H, Nq, Nk) matrix the blocks exist to avoid (at 720p, T = 21 and 20 heads,
+    # 27 GB per float32 copy). Without autodiff the checkpoint changes nothing.
+    attend_block = jax.checkpoint(attend, prevent_cse=False)
     padded = jnp.pad(query, ((0, 0), (0, num_blocks * block - nq), (0, 0), (0, 0)))
     blocks = jnp.moveaxis(padded.reshape(b, num_blocks, block, h, d), 1, 0)
     if query_segments is None:
-        out = jax.lax.map(attend, blocks)
+        out = jax.lax.map(attend_block, blocks)
     else:
         segment_blocks = jnp.pad(query_segments, (0, num_blocks * block - nq), mode="edge").reshape(num_blocks, block)
-        out = jax.lax.map(lambda args: attend(*args), (blocks, segment_blocks))
+        out = jax.lax.map(lambda args: attend_block(*args), (blocks, segment_blocks))
     return jnp.moveaxis(out, 0, 1).reshape(b, num_blocks * block, h, value.shape[-1])[:, :nq]
