@@ -280,7 +280,8 @@ def _ring_attention(layout, query, key, value, key_mask, query_segments, key_seg
                                              preferred_element_type=jnp.float32)
             return new_max, row_sum * rescale + jnp.sum(weights, axis=-1, keepdims=True), out
 
-        return lax.map(fold, (carry, query_blocks, segment_blocks))
+        # As in `ops.attention`: gradients recompute each block's logits instead of saving them for every block.
+        return lax.map(jax.checkpoint(fold, prevent_cse=False), (carry, query_blocks, segment_blocks))
 
     stats = (jnp.full((num_blocks, b, h, block, 1), -jnp.inf, jnp.float32),
              jnp.zeros((num_blocks, b, h, block, 1), jnp.float32),
