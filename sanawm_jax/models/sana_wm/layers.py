@@ -205,24 +205,23 @@ def rotary_tables(grid: tuple[int, int, int], head_dim: int, max_seq_len: int, p
     if pairs is not None:
         angles = tuple(table[:, :n] for table, n in zip(angles, pairs))
 
-    def axis_tables(rows):
-        """(max_seq_len, n) angles -> (rows, 2n) cos and signed sin tables."""
-        cos, sin = np.repeat(np.cos(rows), 2, axis=-1), np.stack([-np.sin(rows), np.sin(rows)], -1)
-        return np.concatenate([cos, sin.reshape(cos.shape)], axis=-1)
+    def token_table(table_t, table_h, table_w):
+        """Per-axis (max_seq_len, 2n) tables -> (T*H*W, 2(n_t + n_h + n_w)), the axes side by side per token."""
+        table_t, table_h, table_w = (jnp.asarray(table) for table in (table_t, table_h, table_w))
+        if start_frame is None:
+            frames_t = table_t[:t]
+        else:
+            frames_t = jax.lax.dynamic_slice_in_dim(table_t, start_frame, t, axis=0)
+        parts = [
+            jnp.broadcast_to(frames_t[:, None, None], (t, h, w, table_t.shape[1])),
+            jnp.broadcast_to(table_h[None, :h, None], (t, h, w, table_h.shape[1])),
+            jnp.broadcast_to(table_w[None, None, :w], (t, h, w, table_w.shape[1])),
+        ]
+        return jnp.concatenate(parts, axis=-1).reshape(t * h * w, -1)
 
-    table_t, table_h, table_w = (jnp.asarray(axis_tables(table)) for table in angles)
-    if start_frame is None:
-        frames_t = table_t[:t]
-    else:
-        frames_t = jax.lax.dynamic_slice_in_dim(table_t, start_frame, t, axis=0)
-    parts = [
-        jnp.broadcast_to(frames_t[:, None, None], (t, h, w, table_t.shape[1])),
-        jnp.broadcast_to(table_h[None, :h, None], (t, h, w, table_h.shape[1])),
-        jnp.broadcast_to(table_w[None, None, :w], (t, h, w, table_w.shape[1])),
-    ]
-    halves = [[part[..., : part.shape[-1] // 2], part[..., part.shape[-1] // 2 :]] for part in parts]
-    cos, sin = (jnp.concatenate([half[i] for half in halves], axis=-1).reshape(t * h * w, -1) for i in range(2))
-    return RotaryTables(cos, sin)
+    cos = [np.repeat(np.cos(table), 2, axis=-1) for table in angles]
+    signed_sin = [np.stack([-np.sin(table), np.sin(table)], -1).reshape(len(table), -1) for table in angles]
+    return RotaryTables(token_table(*cos), token_table(*signed_sin))
 
 
 def apply_rope(x, tables: RotaryTables, inverse: bool = False):
