@@ -12,6 +12,8 @@ Checked on the tiny preset (whole model) and on one block of each kind at the re
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,8 +81,14 @@ def tiny_params():
     return random_params(abstract_params(TINY), np.random.default_rng(0))
 
 
+@functools.cache
+def jitted_apply(config):
+    """One jitted forward per config, so calls with the same shapes compile once."""
+    return jax.jit(SanaWMTransformer(config).apply)
+
+
 def forward(config, params, inputs):
-    return jax.jit(SanaWMTransformer(config).apply)({"params": params}, **inputs)
+    return jitted_apply(config)({"params": params}, **inputs)
 
 
 @pytest.mark.parametrize("frames,chunk_frames", [(4, 3), (6, 5)])

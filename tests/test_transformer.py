@@ -15,6 +15,7 @@ from sanawm_jax.models.sana_wm.transformer import (
     abstract_params,
     example_inputs,
     init_params,
+    init_program,
 )
 
 RELEASED_PARAMETER_COUNT = 2_661_800_448
@@ -51,6 +52,17 @@ def test_unsupported_diffusers_settings_are_rejected():
         PRESETS["sana_wm_tiny"].replace(gdn_impl="cuda")
     with pytest.raises(ValueError, match="unknown config"):
         get_config("no_such_preset")
+
+
+def test_init_params_compiles_once_per_config():
+    """A second init of the same config (another key, an equal config object) reuses the first program."""
+    config = PRESETS["sana_wm_tiny"].replace(num_layers=1, chunk_plucker_post_attn_blocks=1)
+    first = init_params(config, jax.random.key(0))
+    second = init_params(config.replace(), jax.random.key(1))
+    assert init_program(config)._cache_size() == 1
+    kernel = lambda params: np.asarray(params["blocks_0"]["attn"]["proj"]["kernel"])
+    assert not np.array_equal(kernel(first), kernel(second))  # the key still reaches the initialisers
+    np.testing.assert_array_equal(kernel(init_params(config, jax.random.key(0))), kernel(first))
 
 
 def unused_parameter(path: tuple[str, ...], config: SanaWMConfig) -> bool:

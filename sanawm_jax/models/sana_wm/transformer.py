@@ -16,6 +16,7 @@ block of latent frames (chunk_frames + 1 for block 0, chunk_frames after) with i
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -279,9 +280,16 @@ def example_inputs(config: SanaWMConfig, batch: int = 1, frames: int = 1, height
     return inputs
 
 
+@functools.cache
+def init_program(config: SanaWMConfig):
+    """The jitted `key -> params` initialiser of `config`; one per config, so every init of a config after the first
+    compiles nothing."""
+    return jax.jit(lambda key: SanaWMTransformer(config).init(key, **example_inputs(config))["params"])
+
+
 def init_params(config: SanaWMConfig, rng: jax.Array) -> dict:
     """Randomly initialised parameters (the full tree, camera branch included), computed by one compiled program."""
-    return jax.jit(lambda key: SanaWMTransformer(config).init(key, **example_inputs(config))["params"])(rng)
+    return init_program(config)(rng)
 
 
 def abstract_params(config: SanaWMConfig) -> dict:
