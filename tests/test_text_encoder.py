@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ from sanawm_jax.models.gemma import (
     save_embeddings_npz,
 )
 from sanawm_jax.models.gemma.checkpoint import convert_gemma2_params
+from sanawm_jax.models.gemma.encoder import forward_program
 from sanawm_jax.models.gemma.encoder import load_tokenizer
 
 PROMPTS = ("a red car drives along a quiet coastal road at sunset", "a busy city street")
@@ -227,6 +229,16 @@ def test_batched_prompts_equal_prompts_encoded_one_at_a_time(encoder):
         single, single_mask = encoder.encode(prompt)
         np.testing.assert_array_equal(mask[row], single_mask[0])
         assert relative_l2(embeds[row], single[0]) <= FP32_TOLERANCE
+
+
+def test_encoders_of_one_config_share_one_compiled_forward(encoder):
+    """A second TextEncoder of the same config (other weights) compiles nothing and still uses its own weights."""
+    first = encoder.encode(PROMPTS[1])[0]
+    compiled = forward_program(encoder.config)._cache_size()
+    other = TextEncoder(encoder.tokenizer, encoder.config, jax.tree.map(lambda a: 1.5 * a, encoder.params))
+    second = other.encode(PROMPTS[1])[0]
+    assert other._forward is encoder._forward and forward_program(encoder.config)._cache_size() == compiled
+    assert relative_l2(second, first) > 1e-2
 
 
 def test_pipeline_root_with_subfolders_loads_like_a_model_folder(hf_folder, encoder, tmp_path):

@@ -151,10 +151,17 @@ def train_autoencoder(vae_config: VAEConfig, videos, config: AutoencoderConfig, 
     return params, history
 
 
+@functools.cache
+def posterior_mean_program(vae_config: VAEConfig):
+    """The jitted (params, video (B, F, H, W, 3)) -> posterior mean latents (B, f, h, w, C); one per VAE config."""
+    return jax.jit(lambda params, video: VideoAutoencoder(vae_config).apply({"params": params}, video,
+                                                                             method="posterior")[0])
+
+
 def with_latent_statistics(params: dict, vae_config: VAEConfig, videos) -> dict:
     """`params` with `latents_mean` / `latents_std` set to the per-channel mean and standard deviation of the
     posterior means of videos (N, F, H, W, 3) (encoded one clip at a time)."""
-    encode = jax.jit(lambda p, v: VideoAutoencoder(vae_config).apply({"params": p}, v, method="posterior")[0])
+    encode = posterior_mean_program(vae_config)
     means = np.concatenate([np.asarray(encode(params, video[None])).reshape(-1, vae_config.latent_channels)
                             for video in np.asarray(videos, np.float32)])
     return {**params, "latents_mean": jnp.asarray(means.mean(0), jnp.float32),

@@ -13,6 +13,7 @@ and optionally `negative_prompt_embeds` / `negative_prompt_attention_mask` with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -84,6 +85,14 @@ def selection_index(total_length: int, kept_length: int) -> np.ndarray:
     return np.concatenate([[0], np.arange(first, total_length)]).astype(np.int32)
 
 
+@functools.cache
+def forward_program(config):
+    """The jitted (params, ids (B, L), mask (B, L)) -> last hidden states (B, L, D) of Gemma-2 `config`; one per
+    config, shared by every TextEncoder of it."""
+    model = Gemma2Model(config)
+    return jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, mask))
+
+
 class TextEncoder:
     """Gemma-2 prompt encoder: prompts -> (embeddings (B, L, D) in the compute dtype, mask (B, L) int32).
 
@@ -106,8 +115,7 @@ class TextEncoder:
         self.params = jax.device_put(params)
         self.chi = "\n".join(chi_prompt)
         self.max_sequence_length = max_sequence_length
-        model = Gemma2Model(config)
-        self._forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+        self._forward = forward_program(config)
 
     @classmethod
     def from_pretrained(
