@@ -121,6 +121,18 @@ def tiny_refiner():
     return refiner.model, refiner.params, text, mask
 
 
+def test_refiner_text_encoders_of_one_config_share_one_compiled_program(tiny_refiner):
+    """A second refiner's text encoder (other weights, same configs) compiles nothing and uses its own weights."""
+    from sanawm_jax.demo import demo_refiner
+
+    first, second = (demo_refiner(seed=seed, latent_channels=8).text_encoder for seed in (3, 4))
+    np.testing.assert_array_equal(first.encode("a cat")[0], tiny_refiner[2])
+    compiled = first._encode._cache_size()
+    other = second.encode("a cat")[0]
+    assert second._encode is first._encode and first._encode._cache_size() == compiled
+    assert relative_l2(other, tiny_refiner[2]) > 1e-2
+
+
 def clip(frames, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal((1, frames, 2, 3, 8)).astype(np.float32) for _ in range(2)]

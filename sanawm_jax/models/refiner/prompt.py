@@ -7,6 +7,7 @@ the connectors turn them into (B, L, caption_channels) embeddings with their mas
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -27,6 +28,20 @@ def tokenize_left(tokenizer, prompts: Sequence[str], length: int) -> tuple[np.nd
     return tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
 
 
+@functools.cache
+def encode_program(gemma_config: Gemma3Config, connectors_config: ConnectorsConfig):
+    """The jitted ({"gemma", "connectors"} params, ids (B, L), mask (B, L)) -> (embeddings (B, L, caption_channels),
+    mask); one per pair of configs, shared by every RefinerTextEncoder of them."""
+    gemma, connectors = Gemma3Model(gemma_config), TextConnectors(connectors_config)
+
+    def encode(params, ids, mask):
+        states = gemma.apply({"params": params["gemma"]}, ids, mask)
+        packed = normalize_text_states(states, jnp.sum(mask, axis=1)).astype(states.dtype)
+        return connectors.apply({"params": params["connectors"]}, packed, mask)
+
+    return jax.jit(encode)
+
+
 class RefinerTextEncoder:
     """Gemma-3 + connectors: prompts -> (embeddings (B, L, caption_channels), mask (B, L) int32)."""
 
@@ -39,14 +54,7 @@ class RefinerTextEncoder:
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
         self.params = jax.device_put({"gemma": gemma_params, "connectors": connectors_params})
-        gemma, connectors = Gemma3Model(gemma_config), TextConnectors(connectors_config)
-
-        def encode(params, ids, mask):
-            states = gemma.apply({"params": params["gemma"]}, ids, mask)
-            packed = normalize_text_states(states, jnp.sum(mask, axis=1)).astype(states.dtype)
-            return connectors.apply({"params": params["connectors"]}, packed, mask)
-
-        self._encode = jax.jit(encode)
+        self._encode = encode_program(gemma_config, connectors_config)
 
     def encode(self, prompts: str | Sequence[str]):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
