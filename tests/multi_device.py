@@ -25,6 +25,7 @@ CHECKS = {"fast": {}, "slow": {}}
 # Sharded runs of the forward: (mesh, batch size). fsdp=8 with batch 1 keeps the batch whole on every device;
 # data=2 x fsdp=2 x tensor=2 splits a batch of 4 over data and fsdp and the heads and MLP channels over tensor.
 FORWARD_MESHES = (({"fsdp": 8}, 1), ({"data": 2, "fsdp": 2, "tensor": 2}, 4))
+FORWARD_BATCH = max(batch for _, batch in FORWARD_MESHES)
 # The demo's train.py runs compared against one device (see tests/test_parallel.py): 4 steps of batch 1 on fsdp=8
 # (the batch kept whole on every device) and on fsdp=2,context=2,tensor=2 (3 latent frames padded to 4 over context 2).
 TRAIN_STEPS = 4
@@ -75,9 +76,10 @@ def forward_inputs(config, batch: int, frames: int, height: int, width: int, see
     return inputs
 
 
-def sharded_forwards(config, params, inputs_of_batch) -> dict:
-    """For every mesh of FORWARD_MESHES: the relative L2 error of the sharded forward against the single-device one,
-    and the layout it ran with."""
+def sharded_forwards(config, params, all_inputs) -> dict:
+    """For every mesh of FORWARD_MESHES: the relative L2 error of the sharded forward of the first `batch` examples of
+    all_inputs against the single-device forward of all of them (one program; examples are independent), and the
+    layout it ran with."""
     import jax
     import numpy as np
 
@@ -85,10 +87,11 @@ def sharded_forwards(config, params, inputs_of_batch) -> dict:
     from sanawm_jax.parallel import batch_shardings, format_mesh, make_mesh, param_shardings
 
     apply = jax.jit(SanaWMTransformer(config).apply)
+    all_expected = np.asarray(apply({"params": params}, **all_inputs))
     results = {}
     for sizes, batch in FORWARD_MESHES:
-        inputs = inputs_of_batch(batch)
-        expected = np.asarray(apply({"params": params}, **inputs))
+        inputs = {name: value[:batch] for name, value in all_inputs.items()}
+        expected = all_expected[:batch]
         mesh = make_mesh(sizes)
         sharded = jax.device_put(params, param_shardings(params, mesh))
         with jax.set_mesh(mesh):
@@ -123,7 +126,7 @@ def sharded_forward(workdir: Path) -> dict:
     mesh = make_mesh(FORWARD_MESHES[0][0])
     _, restored = load_transformer(workdir / "ckpt", sharding=param_shardings(abstract_params(config), mesh))
     restored_split = [leaf for leaf in jax.tree.leaves(restored) if not leaf.sharding.is_fully_replicated]
-    results = sharded_forwards(config, params, lambda batch: forward_inputs(config, batch, 3, 2, 3))
+    results = sharded_forwards(config, params, forward_inputs(config, FORWARD_BATCH, 3, 2, 3))
     results["restored_split_params"] = len(restored_split)
     results["restored_shards"] = sorted({len(leaf.addressable_shards) for leaf in restored_split})
     return results
@@ -208,7 +211,7 @@ def sharded_forward_2_6b_block(workdir: Path) -> dict:
         config = PRESETS["sana_wm_2.6b"].replace(num_layers=1, softmax_every_n=softmax_every_n,
                                                  chunk_plucker_post_attn_blocks=1)
         params = jax.device_put(random_tree(abstract_params(config), 1))
-        results[kind] = sharded_forwards(config, params, lambda batch: forward_inputs(config, batch, 2, 2, 2))
+        results[kind] = sharded_forwards(config, params, forward_inputs(config, FORWARD_BATCH, 2, 2, 2))
     return results
 
 
