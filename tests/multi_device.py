@@ -236,16 +236,16 @@ def _context_inputs(config, frames, seed=0, valid_frames=None):
 
 
 def _context_forward_errors(config, frames, cases, valid_frames=None):
-    """{"ctx=C impl mode": relative L2 of the forward on a mesh against one device}. cases: (context size, impl,
-    mode); a context of 2 runs on an ("fsdp", "context") = (2, 2) mesh with the batch split over fsdp, so the
-    frame-parallel layers also run beside an automatically partitioned axis."""
+    """{"ctx=C impl mode": relative L2 of the forward (`random_tree` parameters) on a mesh against one device}.
+    cases: (context size, impl, mode); a context of 2 runs on an ("fsdp", "context") = (2, 2) mesh with the batch
+    split over fsdp, so the frame-parallel layers also run beside an automatically partitioned axis."""
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, init_params
+    from sanawm_jax.models.sana_wm.transformer import SanaWMTransformer, abstract_params
 
-    params = init_params(config, jax.random.key(0))
+    params = jax.device_put(random_tree(abstract_params(config), 0))
     inputs = _context_inputs(config, frames, valid_frames=valid_frames)
     errors = {}
     for mode in sorted({mode for _, _, mode in cases}):
