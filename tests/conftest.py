@@ -3,6 +3,8 @@ and the results of the checks that need several (fake CPU) devices."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -80,6 +82,22 @@ def tiny_oracle():
     model = SanaWMTransformer3DModel(**TINY_DIFFUSERS_CONFIG).eval()
     randomize_(model, seed=1)
     return model.double(), dict(TINY_DIFFUSERS_CONFIG)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`-n 2`): the test files that read the multi-device checks run on one worker, so each tier's
+    check process starts once; every other test is scheduled on its own."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    tests = Path(__file__).parent
+    together = {path.name for path in tests.glob("test_*.py") if "multi_device" in path.read_text()}
+
+    class MultiDeviceFilesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "multi_device" if nodeid.split("::")[0].rsplit("/", 1)[-1] in together else nodeid
+
+    return MultiDeviceFilesTogether(config, log)
 
 
 @pytest.fixture(scope="session")
