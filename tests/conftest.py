@@ -86,8 +86,11 @@ def tiny_oracle():
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist (`-n 2`): the test files that read the multi-device checks run on one worker, so each tier's
-    check process starts once; every other test is scheduled on its own."""
+    """Under pytest-xdist (`-n 2`, default `--dist load`): the test files that read the multi-device checks run on one
+    worker, so each tier's check process starts once; every other test is scheduled on its own. Another `--dist`
+    keeps xdist's own scheduler."""
+    if config.getvalue("dist") != "load":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     tests = Path(__file__).parent
