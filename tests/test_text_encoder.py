@@ -39,8 +39,7 @@ from sanawm_jax.models.gemma import (
     save_embeddings_npz,
 )
 from sanawm_jax.models.gemma.checkpoint import convert_gemma2_params
-from sanawm_jax.models.gemma.encoder import forward_program
-from sanawm_jax.models.gemma.encoder import load_tokenizer
+from sanawm_jax.models.gemma.encoder import forward_program, load_tokenizer
 
 PROMPTS = ("a red car drives along a quiet coastal road at sunset", "a busy city street")
 NEGATIVE = "blurry, deformed, static"
