@@ -27,7 +27,9 @@ from sanawm_jax.models.sana_wm.layers import (
     CaptionEmbedder,
     CrossAttention,
     GLUMBConvTemp,
+    LinearPatches,
     PatchEmbed,
+    PatchProjection,
     RMSNorm,
     TemporalShortConv,
     TimestepEmbedder,
@@ -76,6 +78,8 @@ def parts(config, params, inputs):
     text = normal(b, inputs["text"].shape[1], c)
     text_mask = jnp.asarray(inputs["text_mask"])
     rope = rotary_tables(grid, d, cfg.rope_max_seq_len)
+    embedder = params["plucker_embedder"]["proj"]
+    plucker = LinearPatches(jnp.asarray(inputs["chunk_plucker"], dtype), embedder["kernel"], embedder["bias"])
     transforms = jax.jit(lambda conditions: ucpe.ray_transforms(
         conditions, grid, cfg.patch_size, d, cfg.rope_max_seq_len))(jnp.asarray(inputs["camera_conditions"]))
     heads_shape = (b, t * s, heads, d)
@@ -84,15 +88,14 @@ def parts(config, params, inputs):
     decay = jax.nn.sigmoid(normal(b, t, heads).astype(jnp.float32))
     gdn_streams = [jnp.abs(normal(b, t, s, heads, d)).astype(jnp.float32) for _ in range(6)]
 
-    def embedding(p, latents, timesteps, text_in, plucker_in, conditions):
-        embed = lambda name, a: apply(PatchEmbed(cfg.patch_size, c, dtype, param_dtype))(p[name], a)
-        tokens, plucker_tokens = embed("x_embedder", latents), embed("plucker_embedder", plucker_in)
+    def embedding(p, latents, timesteps, text_in, conditions):
+        tokens = apply(PatchEmbed(cfg.patch_size, c, dtype, param_dtype))(p["x_embedder"], latents)
         t_embedding = apply(TimestepEmbedder(c, dtype, param_dtype))(p["t_embedder"], timesteps)
         modulation = apply(dense(6 * c, "t_block", dtype, param_dtype))(p["t_block"], nn.silu(t_embedding))
         y = apply(CaptionEmbedder(c, dtype, param_dtype))(p["y_embedder"], text_in)
         y = apply(RMSNorm(1e-5, dtype, param_dtype))(p["attention_y_norm"], y)
         ray = ucpe.ray_transforms(conditions, grid, cfg.patch_size, d, cfg.rope_max_seq_len)
-        return tokens, plucker_tokens, modulation, y, ray, rotary_tables(grid, d, cfg.rope_max_seq_len)
+        return tokens, modulation, y, ray, rotary_tables(grid, d, cfg.rope_max_seq_len)
 
     def projections(p, a, names):
         return [apply(nn.Dense(p[n]["kernel"].shape[-1], "bias" in p[n], dtype, param_dtype))(p[n], a)
@@ -104,11 +107,11 @@ def parts(config, params, inputs):
 
     def block_call(index):
         return jit(apply(SanaWMBlock(cfg, index, grid)), params[f"blocks_{index}"], x, text, text_mask,
-                   normal(b, t, 6 * c), rope, transforms, normal(b, t, s, c), None)
+                   normal(b, t, 6 * c), rope, transforms, plucker, None)
 
     table = {}
     table[EMBEDDING] = (jit(embedding, params, inputs["latents"], inputs["timesteps"], inputs["text"],
-                            inputs["chunk_plucker"], inputs["camera_conditions"]), 1)
+                            inputs["camera_conditions"]), 1)
 
     attn = params[f"blocks_{gdn_index}"]["attn"]
     names = GDN_PROJECTIONS + ("beta_proj", "gate_proj")
@@ -153,8 +156,8 @@ def parts(config, params, inputs):
     table["FFN: point conv (1x1)"] = (mlp_part("point_conv", normal(b * t, h, w, doubled // 2)), cfg.num_layers)
     table["FFN: temporal conv (3 frames)"] = (mlp_part("t_conv", x), cfg.num_layers)
     table["FFN: whole"] = (jit(apply(mlp), block["mlp"], x), cfg.num_layers)
-    table["Plücker projection"] = (jit(
-        apply(dense(c, "plucker_proj", dtype, param_dtype)), block["plucker_proj"], normal(b, t, s, c)), num_plucker)
+    table["Plücker projection (with the embedding)"] = (jit(
+        apply(PatchProjection(c, cfg.patch_size, dtype, param_dtype)), block["plucker_proj"], plucker, c), num_plucker)
     table[FINAL] = (jit(apply(FinalLayer(cfg)), params["final_layer"], x, normal(b, t, c)), 1)
     table[FORWARD] = (jit(apply(SanaWMTransformer(cfg)), params, **inputs), 1)
     return table

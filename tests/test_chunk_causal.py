@@ -22,7 +22,7 @@ import pytest
 from sanawm_jax.demo import random_params
 from sanawm_jax.models.sana_wm.chunks import chunk_ids, chunk_starts, same_chunk_ahead
 from sanawm_jax.models.sana_wm.config import PRESETS
-from sanawm_jax.models.sana_wm.layers import rotary_tables
+from sanawm_jax.models.sana_wm.layers import LinearPatches, rotary_tables
 from sanawm_jax.models.sana_wm.transformer import SanaWMBlock, SanaWMTransformer, abstract_params
 from sanawm_jax.models.sana_wm import ucpe
 from tests.test_transformer_parity import camera_inputs
@@ -120,8 +120,9 @@ RELEASED_WIDTH_GRID = (7, 2, 2)  # frames, height, width of the released-width b
 
 
 def released_width_block_inputs(index):
-    """(config, rng, (x, text, text_mask, t_mod, camera conditions, plucker)): float32 inputs of block `index` of the
-    2.6B config (hidden 2240, 20 heads of 112) on a 7-frame 2x2 grid with 3 text tokens, drawn from seed `index`."""
+    """(config, rng, (x, text, text_mask, t_mod, camera conditions, Plücker rays as `LinearPatches`)): float32 inputs
+    of block `index` of the 2.6B config (hidden 2240, 20 heads of 112) on a 7-frame 2x2 grid with 3 text tokens,
+    drawn from seed `index`."""
     config = PRESETS["sana_wm_2.6b"].replace(num_layers=4)
     (frames, height, width), text_len = RELEASED_WIDTH_GRID, 3
     rng = np.random.default_rng(index)
@@ -131,7 +132,10 @@ def released_width_block_inputs(index):
     text_mask = jnp.ones((1, text_len), jnp.int32)
     t_mod = jnp.asarray(rng.standard_normal((1, frames, 6 * c)) * 0.1, jnp.float32)
     conditions = jnp.asarray(camera_inputs(rng, 1, frames, height, width)[0])
-    plucker = jnp.asarray(rng.standard_normal((1, frames, height * width, c)) * 0.1, jnp.float32)
+    rays = jnp.asarray(rng.standard_normal((1, frames, height, width, config.chunk_plucker_channels)), jnp.float32)
+    embed_kernel = rng.standard_normal((*config.patch_size, config.chunk_plucker_channels, c)) * 0.02
+    plucker = LinearPatches(rays, jnp.asarray(embed_kernel, jnp.float32),
+                            jnp.asarray(rng.standard_normal(c) * 0.1, jnp.float32))
     return config, rng, (x, text, text_mask, t_mod, conditions, plucker)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from sanawm_jax.models.sana_wm.transformer import (
     init_params,
     init_program,
 )
+from sanawm_jax.models.sana_wm.layers import PatchEmbed, PatchProjection
 
 RELEASED_PARAMETER_COUNT = 2_661_800_448
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -52,6 +54,24 @@ def test_unsupported_diffusers_settings_are_rejected():
         PRESETS["sana_wm_tiny"].replace(gdn_impl="cuda")
     with pytest.raises(ValueError, match="unknown config"):
         get_config("no_such_preset")
+
+
+@pytest.mark.parametrize("patch_size", [(1, 1, 1), (1, 2, 2), (1, 3, 3)])
+def test_patch_projection_is_the_dense_layer_on_the_embedding(patch_size):
+    """The composed Plücker projection (one patch conv) equals nn.Dense on PatchEmbed's output, with the same
+    parameter tree as that nn.Dense; (1, 3, 3) is the padded patchify. float32 on both sides: only the order of the
+    sums differs (48·9 products into 32 channels, then 32 into 40, against 48·9 into 40 with composed weights)."""
+    rng = np.random.default_rng(0)
+    rays = jnp.asarray(rng.standard_normal((2, 3, 6, 6, 48)), jnp.float32)
+    embedder, dense = PatchEmbed(patch_size, 32), nn.Dense(40)
+    draw = lambda tree: jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.2, jnp.float32), tree)
+    embed_params = draw(embedder.init(jax.random.key(0), rays)["params"])
+    dense_params = draw(dense.init(jax.random.key(1), jnp.zeros((1, 32)))["params"])
+    expected = dense.apply({"params": dense_params}, embedder.apply({"params": embed_params}, rays))
+    patches = embedder.apply({"params": embed_params}, rays, method="linear_patches")
+    projected = PatchProjection(40, patch_size).apply({"params": dense_params}, patches, 32)
+    assert projected.shape == expected.shape
+    np.testing.assert_allclose(projected, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_init_params_compiles_once_per_config():

@@ -140,28 +140,85 @@ class CaptionEmbedder(nn.Module):
         return dense(self.hidden_size, "fc2", self.dtype, self.param_dtype)(nn.gelu(y, approximate=True))
 
 
+class LinearPatches(NamedTuple):
+    """The inputs of a linear patch embedding, not yet embedded, with the embedding's parameters. `embed_patches`
+    embeds them; `PatchProjection` applies a dense layer to the embedding without forming it."""
+
+    inputs: jax.Array  # (B, T, H, W, C_in)
+    kernel: jax.Array  # (pt, ph, pw, C_in, C)
+    bias: jax.Array  # (C,)
+
+
+def patch_padding(patch_size: tuple[int, int, int]):
+    """Padding of the patchify convolution: "VALID", or k // 2 per axis when the last patch size is odd (as the
+    released embedders)."""
+    return [(k // 2, k // 2) for k in patch_size] if patch_size[-1] % 2 else "VALID"
+
+
+def embed_patches(patches: LinearPatches, patch_size: tuple[int, int, int], dtype: Dtype):
+    """Channels-last 3-D patchify: (B, T, H, W, C_in) -> (B, T', S, C) with S = H'*W', in `dtype`."""
+    x = jax.lax.conv_general_dilated(
+        patches.inputs.astype(dtype), patches.kernel.astype(dtype), window_strides=patch_size,
+        padding=patch_padding(patch_size), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+    ) + patches.bias.astype(dtype)
+    b, t, h, w, c = x.shape
+    return x.reshape(b, t, h * w, c)
+
+
 class PatchEmbed(nn.Module):
-    """Channels-last 3-D patchify: (B, T, H, W, C_in) -> (B, T', S, C) with S = H'*W' (module path `proj`)."""
+    """Channels-last 3-D patchify: (B, T, H, W, C_in) -> (B, T', S, C) with S = H'*W' (module path `proj`, the
+    parameters of an `nn.Conv` with kernel and stride `patch_size`)."""
 
     patch_size: tuple[int, int, int]
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.proj = nn.Conv(self.features, kernel_size=self.patch_size, strides=self.patch_size,
+                            padding=patch_padding(self.patch_size), dtype=self.dtype, param_dtype=self.param_dtype)
+
     def __call__(self, x):
-        padding = [(k // 2, k // 2) for k in self.patch_size] if self.patch_size[-1] % 2 else "VALID"
-        x = nn.Conv(
-            self.features,
-            kernel_size=self.patch_size,
-            strides=self.patch_size,
-            padding=padding,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="proj",
-        )(x.astype(self.dtype))
-        b, t, h, w, c = x.shape
-        return x.reshape(b, t, h * w, c)
+        return embed_patches(self.linear_patches(x), self.patch_size, self.dtype)
+
+    def linear_patches(self, x) -> LinearPatches:
+        """x (B, T, H, W, C_in) with this embedding's parameters, not embedded."""
+        if self.is_initializing():  # declares the parameters
+            self.proj(jnp.zeros((1, *self.patch_size, x.shape[-1]), self.dtype))
+        params = self.proj.variables["params"]
+        return LinearPatches(x, params["kernel"], params["bias"])
+
+
+class PatchProjection(nn.Module):
+    """A dense layer (C -> features) on the output of a linear patch embedding, given the embedding's inputs
+    (`LinearPatches`): (B, T, H, W, C_in) -> (B, T', S, features). The two linear maps compose into one patch
+    convolution with kernel K·W and bias b·W + b_W (composed in float32), so each token costs C_in·patch
+    multiply-adds per output channel instead of C; the result is that of `nn.Dense(features)` on the embedding up to
+    rounding. Parameters as that `nn.Dense`: kernel (C, features), bias (features,).
+    """
+
+    features: int
+    patch_size: tuple[int, int, int]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches: LinearPatches | None, embed_features: int):
+        """embed_features: C, the embedding's width. patches None: declares the parameters and returns None."""
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (embed_features, self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        if patches is None:
+            return None
+        compose = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST,
+                                    preferred_element_type=jnp.float32)
+        kernel = kernel.astype(jnp.float32)
+        composed = LinearPatches(
+            patches.inputs,
+            compose("...c,cd->...d", patches.kernel.astype(jnp.float32), kernel),
+            compose("c,cd->d", patches.bias.astype(jnp.float32), kernel) + bias.astype(jnp.float32),
+        )
+        return embed_patches(composed, self.patch_size, self.dtype)
 
 
 def rope_frequencies(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[np.ndarray, ...]:

@@ -31,6 +31,7 @@ from sanawm_jax.models.sana_wm.layers import (
     CrossAttention,
     GLUMBConvTemp,
     PatchEmbed,
+    PatchProjection,
     RMSNorm,
     TimestepEmbedder,
     dense,
@@ -60,8 +61,9 @@ class SanaWMBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, text, text_mask, t_mod, rope, transforms, plucker, frame_mask, cache=None, block=None):
-        """cache (streaming mode): this layer's `streaming.LayerCache`, x one block and `block` its index; then
-        returns (x, updated cache)."""
+        """plucker: the Plücker rays (B, T, H, W, 48) with the embedder's parameters (`layers.LinearPatches`) or None.
+        cache (streaming mode): this layer's `streaming.LayerCache`, x one block and `block` its index; then returns
+        (x, updated cache)."""
         cfg = self.config
         b, t, s, c = x.shape
         streaming = cache is not None
@@ -99,11 +101,10 @@ class SanaWMBlock(nn.Module):
         x = masked(x + masked(gate_msa * attended))
 
         if cfg.has_plucker_proj(self.index):
-            plucker_proj = dense(c, "plucker_proj", dtype, param_dtype)
-            if plucker is not None:
-                x = x + plucker_proj(plucker)
-            else:  # declared only, so the parameter tree does not depend on the inputs
-                plucker_proj(jnp.zeros((1, c), dtype))
+            # Without Plücker inputs the parameters are declared only, so the tree does not depend on the inputs.
+            projected = PatchProjection(c, cfg.patch_size, dtype, param_dtype, name="plucker_proj")(plucker, c)
+            if projected is not None:
+                x = x + projected
 
         cross = CrossAttention(cfg.num_attention_heads, cfg.cross_norm, cfg.attention_impl, dtype, param_dtype,
                                self.context, name="cross_attn")
@@ -159,12 +160,14 @@ class SanaWMTransformer(nn.Module):
         x = embed("x_embedder")(latents)
         # The checkpoint carries a ray-map embedder that the released configuration never uses.
         embed("raymap_embedder")(jnp.zeros((1, pt, ph, pw, 3), dtype))
+        # Each block projects the embedded Plücker rays with a dense layer: the blocks get the rays unembedded with the
+        # embedder's parameters and apply both maps as one (`PatchProjection`).
         plucker_embedder = embed("plucker_embedder")
         if chunk_plucker is not None:
-            plucker = plucker_embedder(chunk_plucker.astype(dtype))
+            plucker = plucker_embedder.linear_patches(chunk_plucker.astype(dtype))
         else:
             plucker = None
-            plucker_embedder(jnp.zeros((1, pt, ph, pw, cfg.chunk_plucker_channels), dtype))
+            plucker_embedder.linear_patches(jnp.zeros((1, pt, ph, pw, cfg.chunk_plucker_channels), dtype))
 
         t_emb = TimestepEmbedder(cfg.hidden_size, dtype, param_dtype, name="t_embedder")(timesteps)
         t_mod = dense(6 * cfg.hidden_size, "t_block", dtype, param_dtype)(nn.silu(t_emb))
