@@ -5,7 +5,8 @@ The forward is compiled with XLA's per-thunk trace events on (`xla_cpu_enable_xp
 under `jax.profiler`, and every moment of each run is charged to the thunks executing then on XLA's CPU threads: to
 the one thunk when it runs alone (a large matmul then uses both cores inside it), shared equally when several run
 at once. Thunks are grouped by the model module in their HLO metadata (`blocks_N` folded into `blocks`), so the table
-is the forward's wall time by module. The floor line divides the compiled program's FLOPs (XLA's cost analysis,
+is the forward's wall time by module (`--depth`: how many components of the module path a row keeps; 6 splits the
+attention and GDN ops into their parts). The floor line divides the compiled program's FLOPs (XLA's cost analysis,
 which counts a `while` body once: attention query loops are undercounted) by the speed of one large matmul measured
 here, i.e. the time the forward would take if every FLOP ran at dense-matmul speed.
 
@@ -44,7 +45,7 @@ def module_of(op_name: str, depth: int = 3) -> str:
     return "/".join(parts[:depth]) or "(top level)"
 
 
-def thunk_modules(hlo_text: str) -> dict[str, str]:
+def thunk_modules(hlo_text: str, depth: int = 3) -> dict[str, str]:
     """HLO instruction name -> module, from the compiled program's metadata. An instruction without metadata of its
     own takes that of the first instruction inside the computation it calls (fusions), else that of the instruction
     calling its computation (`while` bodies)."""
@@ -58,7 +59,7 @@ def thunk_modules(hlo_text: str) -> dict[str, str]:
         name, op_name = instruction.group(1), OP_NAME.search(line)
         home[name] = computation
         if op_name:
-            own[name] = module_of(op_name.group(1))
+            own[name] = module_of(op_name.group(1), depth)
             first_inside.setdefault(computation, own[name])
         for called in CALLS.findall(line):
             callee[name] = callee.get(name, called)
@@ -123,6 +124,7 @@ def main():
     add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30, help="modules shown, largest first")
+    parser.add_argument("--depth", type=int, default=3, help="module path components kept (more: finer rows)")
     args = parser.parse_args()
     before = machine_state()
 
@@ -143,7 +145,7 @@ def main():
             run()
             seconds.append(time.perf_counter() - start)
         jax.profiler.stop_trace()
-        wall, idle = wall_by_module(Path(trace_dir), thunk_modules(compiled.as_text()))
+        wall, idle = wall_by_module(Path(trace_dir), thunk_modules(compiled.as_text(), args.depth))
 
     cost = compiled.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
