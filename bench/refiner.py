@@ -64,7 +64,7 @@ def speed(size: str, args) -> None:
         for param in oracle.parameters():
             param.normal_(0, 0.02)
     config = RefinerConfig.from_diffusers_config(dconfig)
-    params = convert(TorchStateDictSource(oracle.state_dict(), "random"), config, log=lambda *_: None)
+    params = jax.device_put(convert(TorchStateDictSource(oracle.state_dict(), "random"), config, log=lambda *_: None))
     model = RefinerTransformer(config)
     height, width = SIZES[size]["grid"]
     rng = np.random.default_rng(0)
@@ -78,7 +78,8 @@ def speed(size: str, args) -> None:
                         .astype(np.float32) for _ in range(2)), frame_rope(config, [0], height, width, FPS),
                       *(rng.standard_normal(history).astype(np.float32) for _ in range(2)))
     rope = frame_rope(config, block, height, width, FPS)
-    run_jax = lambda: jax.block_until_ready(forward(model, params, tokens, text, timesteps, rope, mask, prefix))
+    device_args = jax.device_put((tokens, text, timesteps, rope, mask, prefix))  # held in memory, as on the torch side
+    run_jax = lambda: jax.block_until_ready(forward(model, params, *device_args))
 
     cache = SanaWMRefinerKVCache(config.num_layers)
     for index, layer in enumerate(cache.layer_caches):

@@ -133,12 +133,15 @@ def speed(frames: int, height: int, width: int, repeats: int) -> None:
     if config != released:
         raise ValueError("the diffusers VAE built for the benchmark does not have the released configuration")
     params = convert_vae_state_dict(TorchStateDictSource(oracle.state_dict(), "benchmark"), config)
-    params = {key: params[key] for key in ("decoder", "latents_mean", "latents_std")}
+    # On the device once, as a sampling pipeline holds them: a numpy argument would be copied into fresh device buffers
+    # on every call (for these 1.8 GB of weights, ~470k page faults and 0.9 s of system time per decode).
+    params = jax.device_put({key: params[key] for key in ("decoder", "latents_mean", "latents_std")})
     oracle.encoder = None  # only the decoder is timed; frees its memory
     latents = np.random.default_rng(0).standard_normal((1, frames, height, width, config.latent_channels))
     latents = latents.astype(np.float32)
     program = decode_program(config)
-    run_jax = lambda: jax.block_until_ready(program(params, latents))
+    device_latents = jax.device_put(latents)
+    run_jax = lambda: jax.block_until_ready(program(params, device_latents))
     torch_latents = torch.from_numpy(latents).permute(0, 4, 1, 2, 3)
     mean, std = oracle.latents_mean.view(1, -1, 1, 1, 1), oracle.latents_std.view(1, -1, 1, 1, 1)
 
