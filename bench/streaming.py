@@ -91,7 +91,7 @@ def time_streaming(model, params, args_in):
 def timing(args):
     config = PRESETS[args.config]
     rng = np.random.default_rng(0)
-    params = random_params(abstract_params(config), rng)
+    params = jax.device_put(random_params(abstract_params(config), rng))  # held on the device, as a sampler holds them
     args_in = inputs(config, args, rng)
     streaming = SanaWMTransformer(config.replace(mode="streaming"))
     bidirectional = SanaWMTransformer(config)
